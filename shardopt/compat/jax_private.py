@@ -1,0 +1,64 @@
+"""The one place shardopt touches private jax APIs (pinned to jax/jaxlib 0.10.2; tests/test_compat_jax.py
+pins their behaviour so an upgrade fails loudly here instead of deep inside the pipeline)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax._src.interpreters import mlir as _jax_mlir
+from jax._src.lib import _jax as _jaxlib_ext
+from jax._src.lib import xla_client as _xla_client
+from jaxlib.mlir import ir
+
+PINNED_JAX = "0.10.2"
+
+
+def make_ir_context() -> ir.Context:
+    """An MLIR context with func, stablehlo, chlo, mhlo and sdy registered and loaded."""
+    return _jax_mlir.make_ir_context()
+
+
+def module_to_bytecode(module: ir.Module) -> bytes:
+    return _jax_mlir.module_to_bytecode(module)
+
+
+def serialize_portable(module: ir.Module, target_version: str) -> bytes:
+    """VHLO bytes as `jax.export` writes them (keeps sdy; does not modify `module`)."""
+    return _jaxlib_ext.mlir.serialize_portable_artifact(module, target_version, True)
+
+
+def exported_with_module(exported: jax.export.Exported, module_bytes: bytes,
+                         in_shardings: tuple[Any, ...], out_shardings: tuple[Any, ...]) -> jax.export.Exported:
+    """`exported` with its module swapped for ours and the boundary shardings our passes chose.
+
+    The VJP is dropped: the swapped module is an optimizer step, nothing differentiates through it.
+    """
+    return dataclasses.replace(
+        exported,
+        mlir_module_serialized=module_bytes,
+        _in_named_shardings=tuple(in_shardings),
+        _out_named_shardings=tuple(out_shardings),
+        _get_vjp=None,
+    )
+
+
+def exported_fields(exported: jax.export.Exported) -> dict[str, Any]:
+    """The private fields shardopt relies on, for the pinning test and for `inspect`."""
+    return {
+        "in_named_shardings": exported._in_named_shardings,
+        "out_named_shardings": exported._out_named_shardings,
+        "has_named_shardings": exported._has_named_shardings,
+    }
+
+
+def hlo_sharding_from_proto(proto: Any) -> Any:
+    return _xla_client.HloSharding.from_proto(proto)
+
+
+def inline_func_call(callee: ir.Operation, operands: list[ir.Value]) -> list[ir.Value]:
+    """Clones `callee`'s body at the current insertion point (jaxlib registers no func inliner)."""
+    from jaxlib.mlir._mlir_libs import _jax_mlir_ext
+
+    return list(_jax_mlir_ext.inlined_func_call(callee, operands))

@@ -1,0 +1,161 @@
+"""DTensor-style layouts: one mesh axis name (or UNSHARDED) per tensor dimension.
+
+`Layout(sharding_specs, mesh)` mirrors `tf.experimental.dtensor.Layout`; it converts to and from
+`jax.sharding.PartitionSpec` / `NamedSharding` so both are accepted wherever a layout is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+UNSHARDED = "unsharded"
+
+AxisSpec = str | tuple[str, ...]  # a mesh axis, several axes (major to minor), or UNSHARDED
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axes with Auto axis types: shardopt lowers on Auto meshes so that jax does not
+    pin a sharding constraint after every op (Explicit is `jax.make_mesh`'s default)."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def same_mesh(a: Mesh, b: Mesh) -> bool:
+    """Two meshes are the same for shardopt when axis names, sizes and device order agree."""
+    return (
+        a.axis_names == b.axis_names
+        and a.devices.shape == b.devices.shape
+        and [d.id for d in a.devices.flat] == [d.id for d in b.devices.flat]
+    )
+
+
+def _normalize_axis(spec: Any) -> AxisSpec:
+    if spec is None or spec == UNSHARDED:
+        return UNSHARDED
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        axes = tuple(spec)
+        if not axes:
+            return UNSHARDED
+        if not all(isinstance(a, str) for a in axes):
+            raise TypeError(f"a sharding spec entry must be a mesh axis name, got {spec!r}")
+        return axes[0] if len(axes) == 1 else axes
+    raise TypeError(f"a sharding spec entry must be a mesh axis name or UNSHARDED, got {spec!r}")
+
+
+class Layout:
+    """Where each dimension of a tensor lives on a device mesh (DTensor's `Layout`)."""
+
+    def __init__(self, sharding_specs: Sequence[Any], mesh: Mesh):
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"Layout needs a jax.sharding.Mesh, got {type(mesh).__name__}")
+        self.sharding_specs: tuple[AxisSpec, ...] = tuple(_normalize_axis(s) for s in sharding_specs)
+        self.mesh = mesh
+
+    @classmethod
+    def replicated(cls, mesh: Mesh, rank: int) -> Layout:
+        """A layout that keeps a full copy of the tensor on every device."""
+        return cls([UNSHARDED] * rank, mesh)
+
+    @classmethod
+    def from_partition_spec(cls, spec: PartitionSpec, mesh: Mesh, rank: int) -> Layout:
+        """Converts a PartitionSpec (shorter specs are padded with UNSHARDED, as jax does)."""
+        entries = list(spec)
+        if len(entries) > rank:
+            raise ValueError(f"PartitionSpec {spec} has {len(entries)} entries for a rank-{rank} tensor")
+        return cls(entries + [UNSHARDED] * (rank - len(entries)), mesh)
+
+    @classmethod
+    def from_sharding(cls, sharding: NamedSharding, rank: int) -> Layout:
+        """Converts a NamedSharding."""
+        return cls.from_partition_spec(sharding.spec, sharding.mesh, rank)
+
+    @property
+    def rank(self) -> int:
+        return len(self.sharding_specs)
+
+    def axes_of(self, dim: int) -> tuple[str, ...]:
+        """The mesh axes that split dimension `dim` (empty when it is not split)."""
+        spec = self.sharding_specs[dim]
+        if spec == UNSHARDED:
+            return ()
+        return (spec,) if isinstance(spec, str) else spec
+
+    def shards_of(self, dim: int) -> int:
+        """How many pieces dimension `dim` is cut into."""
+        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+        return int(np.prod([sizes[a] for a in self.axes_of(dim)], dtype=np.int64))
+
+    def is_fully_replicated(self) -> bool:
+        return all(s == UNSHARDED for s in self.sharding_specs)
+
+    def to_partition_spec(self) -> PartitionSpec:
+        return PartitionSpec(*(None if s == UNSHARDED else s for s in self.sharding_specs))
+
+    def to_named_sharding(self) -> NamedSharding:
+        """The NamedSharding on the Auto-axes version of the mesh, the one shardopt compiles for."""
+        return NamedSharding(auto_mesh(self.mesh), self.to_partition_spec())
+
+    def validate(self, shape: Sequence[int], what: str) -> None:
+        """Raises a ValueError naming `what`, the dimension and the axis when this layout cannot hold `shape`."""
+        if len(shape) != self.rank:
+            raise ValueError(f"{what}: layout {self} has rank {self.rank} but the tensor has shape {tuple(shape)}")
+        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+        seen: dict[str, int] = {}
+        for dim in range(self.rank):
+            for axis in self.axes_of(dim):
+                if axis not in sizes:
+                    raise ValueError(
+                        f"{what}: dimension {dim} is sharded over unknown mesh axis {axis!r}; "
+                        f"the mesh has axes {list(self.mesh.axis_names)}"
+                    )
+                if axis in seen:
+                    raise ValueError(
+                        f"{what}: mesh axis {axis!r} shards both dimension {seen[axis]} and dimension {dim}"
+                    )
+                seen[axis] = dim
+            shards = self.shards_of(dim)
+            if shape[dim] % shards:
+                raise ValueError(
+                    f"{what}: dimension {dim} of size {shape[dim]} is not divisible by mesh axis "
+                    f"{'x'.join(self.axes_of(dim))} of size {shards}"
+                )
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Layout)
+            and self.sharding_specs == other.sharding_specs
+            and same_mesh(self.mesh, other.mesh)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.sharding_specs, self.mesh.axis_names, self.mesh.devices.shape))
+
+    def __repr__(self) -> str:
+        mesh = ",".join(f"{n}={s}" for n, s in zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+        return f"Layout({list(self.sharding_specs)}, mesh<{mesh}>)"
+
+
+def as_layout(obj: Any, mesh: Mesh | None, rank: int) -> Layout | None:
+    """Accepts a Layout, NamedSharding, PartitionSpec (needs `mesh`) or None; returns a Layout or None."""
+    if obj is None or isinstance(obj, Layout):
+        return obj
+    if isinstance(obj, NamedSharding):
+        return Layout.from_sharding(obj, rank)
+    if isinstance(obj, PartitionSpec):
+        if mesh is None:
+            raise ValueError("a PartitionSpec layout needs a mesh: pass mesh= or use a NamedSharding")
+        return Layout.from_partition_spec(obj, mesh, rank)
+    raise TypeError(f"layout must be a shardopt.Layout, NamedSharding or PartitionSpec, got {type(obj).__name__}")
+
+
+def default_mesh() -> Mesh:
+    """A one-device mesh for optimizers created without `mesh=`."""
+    return Mesh(np.array(jax.devices()[:1]), ("replica",), axis_types=(AxisType.Auto,))

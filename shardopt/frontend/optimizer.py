@@ -1,0 +1,421 @@
+"""The Keras-shaped optimizer base class: state, `apply_gradients`, config; the math lives in definitions.
+
+A definition (Adam, and later SGD, AdamW, ...) subclasses `Optimizer`, adds its slots in `build`, and implements
+`update_dense` (and `update_sparse` when its sparse rounding differs) as pure jnp functions of one variable.
+Everything else — clipping, EMA, schedules, the counter, lowering, passes, execution — is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from shardopt.compiler import StepProgram, compile_step
+from shardopt.frontend import options, schedules
+from shardopt.frontend.layout import Layout, auto_mesh, default_mesh, same_mesh
+from shardopt.frontend.step import (
+    EMA_SLOT,
+    StepEntry,
+    build_convention,
+    compute_dtype,
+    counter_dtype,
+    make_step_fn,
+)
+from shardopt.frontend.variables import IndexedSlices, Variable
+from shardopt.passes.pipeline import DEFAULT_PIPELINE
+
+log = logging.getLogger("shardopt")
+
+State = dict[str, jax.Array]
+
+
+class Optimizer:
+    """Base class of shardopt optimizers (tf-keras's `Optimizer` API, compiled per gradient signature)."""
+
+    def __init__(
+        self,
+        name: str,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        jit_compile: bool = True,
+        mesh: Mesh | None = None,
+        gradients_clip_option: options.GradientsClipOption | None = None,
+        ema_option: options.EMAOption | None = None,
+        **kwargs: Any,
+    ):
+        ema = options.merge_grouped(
+            {"use_ema": use_ema, "ema_momentum": ema_momentum, "ema_overwrite_frequency": ema_overwrite_frequency},
+            {"use_ema": False, "ema_momentum": 0.99, "ema_overwrite_frequency": None}, ema_option)
+        clip = options.merge_grouped(
+            {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm},
+            {"clipnorm": None, "clipvalue": None, "global_clipnorm": None}, gradients_clip_option)
+        options.check_ema(ema["use_ema"], ema["ema_momentum"], ema["ema_overwrite_frequency"])
+        options.check_clip(clip["clipnorm"], clip["clipvalue"], clip["global_clipnorm"])
+        options.check_kwargs(dict(kwargs))
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        self.name = name
+        self.weight_decay = weight_decay
+        self.clipnorm = clip["clipnorm"]
+        self.clipvalue = clip["clipvalue"]
+        self.global_clipnorm = clip["global_clipnorm"]
+        self.use_ema = bool(ema["use_ema"])
+        self.ema_momentum = ema["ema_momentum"]
+        self.ema_overwrite_frequency = ema["ema_overwrite_frequency"]
+        self.jit_compile = jit_compile
+        self.mesh = mesh
+        self.pipeline: tuple[str, ...] = DEFAULT_PIPELINE
+        self._learning_rate: Any = np.float32(0.001)
+        self._lr_array: jax.Array | None = None
+        self._current_lr: jax.Array | None = None
+        self._iterations: Variable | None = None
+        self._built = False
+        self._variables: list[Variable] = []
+        self._index: dict[int, int] = {}
+        self._model_variables: list[Variable] = []
+        self._slots: list[dict[str, Variable]] = []
+        self._programs: dict[Any, StepProgram] = {}
+
+    # ----- hyperparameters -------------------------------------------------------------------------------
+    def _build_learning_rate(self, learning_rate: Any) -> Any:
+        return options.learning_rate_value(learning_rate)
+
+    @property
+    def learning_rate(self) -> jax.Array:
+        """The current learning rate (for a schedule: its value at the last step, as tf-keras reports it)."""
+        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
+            if self._current_lr is None:
+                self._current_lr = jnp.asarray(self._learning_rate(int(self.iterations.value)), jnp.float32)
+            return self._current_lr
+        return jnp.asarray(self._learning_rate, jnp.float32)
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        if isinstance(value, schedules.LearningRateSchedule):
+            self._learning_rate, self._current_lr = value, None
+            return
+        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
+            raise TypeError("This optimizer was created with a `LearningRateSchedule` object as its "
+                            "`learning_rate` constructor argument, hence its learning rate is not settable. If "
+                            "you need the learning rate to be settable, you should instantiate the optimizer "
+                            "with a float `learning_rate` argument.")
+        self._learning_rate = options.learning_rate_value(value)
+        self._lr_array = None
+
+    lr = learning_rate
+
+    @property
+    def iterations(self) -> Variable:
+        """The step counter (int64 with jax x64 enabled, int32 otherwise)."""
+        if self._iterations is None:
+            self._iterations = Variable(np.asarray(0, counter_dtype()), name="iteration")
+        return self._iterations
+
+    @iterations.setter
+    def iterations(self, value: Any) -> None:
+        if self._built:
+            raise RuntimeError("Cannot set `iterations` to a new Variable after the Optimizer weights have "
+                               "been created. Here it is attempting to set `iterations` after build().")
+        raw = value.value if isinstance(value, Variable) else value
+        self._iterations = Variable(np.asarray(raw, counter_dtype()), name="iteration")
+
+    @property
+    def variables(self) -> list[Variable]:
+        """The optimizer's state in Keras order: iteration, averages, then the definition's slots."""
+        return [self.iterations, *self._variables]
+
+    # ----- state -----------------------------------------------------------------------------------------
+    def slot_names(self) -> tuple[str, ...]:
+        """The definition's slots, in the order `build` adds them."""
+        return ()
+
+    def _resolve_mesh(self, var_list: Sequence[Variable]) -> Mesh:
+        if self.mesh is not None:
+            return self.mesh
+        for v in var_list:
+            if v.layout is not None:
+                return v.layout.mesh
+        return default_mesh()
+
+    def build(self, var_list: Sequence[Variable]) -> None:
+        """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
+        if self._built:
+            return
+        var_list = list(var_list)
+        mesh = self._resolve_mesh(var_list)
+        for v in var_list:
+            if not isinstance(v, Variable):
+                raise TypeError(f"expected shardopt.Variable, got {type(v).__name__}")
+            if not jnp.issubdtype(v.dtype, jnp.floating):
+                raise TypeError(f"variable {v.name!r} has dtype {v.dtype}: optimizers update floating point "
+                                "variables only")
+            if v.layout is None:
+                v.place(Layout.replicated(mesh, len(v.shape)))
+            elif not same_mesh(auto_mesh(v.layout.mesh), auto_mesh(mesh)):
+                raise ValueError(f"variable {v.name!r} is laid out on a different mesh ({v.layout}) than the "
+                                 f"optimizer's mesh {dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))}")
+        self.mesh = mesh
+        it = self.iterations
+        it.place(Layout.replicated(mesh, 0))
+        self._model_variables = var_list
+        self._index = {id(v): i for i, v in enumerate(var_list)}
+        self._slots = [{} for _ in var_list]
+        self._built = True
+        if self.use_ema:
+            for v in var_list:
+                self.add_variable_from_reference(v, EMA_SLOT, initial_value=v.value)
+
+    def add_variable(self, shape: Sequence[int], dtype: Any = None, initializer: str = "zeros",
+                     name: str | None = None) -> Variable:
+        """A replicated optimizer variable (e.g. a scalar accumulator)."""
+        if initializer not in ("zeros", "ones"):
+            raise ValueError(f"initializer must be 'zeros' or 'ones', got {initializer!r}")
+        fill = np.zeros if initializer == "zeros" else np.ones
+        var = Variable(fill(tuple(shape), dtype or np.float32), name=name,
+                       layout=Layout.replicated(self.mesh or default_mesh(), len(shape)))
+        self._variables.append(var)
+        return var
+
+    def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
+                                    shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
+        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given)."""
+        shape = tuple(model_variable.shape if shape is None else shape)
+        init = jnp.zeros(shape, model_variable.dtype) if initial_value is None else initial_value
+        layout = model_variable.layout if shape == model_variable.shape else None
+        if layout is None:
+            layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
+        slot = Variable(jnp.array(init, dtype=model_variable.dtype, copy=True),
+                        name=f"{variable_name}/{model_variable.name}", layout=layout)
+        self._variables.append(slot)
+        if id(model_variable) in self._index:
+            self._slots[self._index[id(model_variable)]][variable_name] = slot
+        return slot
+
+    def get_slot(self, var: Variable, slot_name: str) -> Variable:
+        """The slot `slot_name` ("m", "v", "vhat", "average", ...) of `var`."""
+        index = self._var_index(var)
+        try:
+            return self._slots[index][slot_name]
+        except KeyError:
+            raise KeyError(f"variable {var.name!r} has no slot {slot_name!r}; slots: "
+                           f"{sorted(self._slots[index])}") from None
+
+    def _var_index(self, var: Variable) -> int:
+        try:
+            return self._index[id(var)]
+        except KeyError:
+            raise KeyError(f"The optimizer cannot recognize variable {getattr(var, 'name', var)}. This usually "
+                           "means you are trying to call the optimizer to update different parts of the model "
+                           "separately. Please call `optimizer.build(variables)` with the full list of "
+                           "trainable variables before the training loop.") from None
+
+    def _entry_slots(self) -> tuple[str, ...]:
+        return self.slot_names() + ((EMA_SLOT,) if self.use_ema else ())
+
+    # ----- the definition's math (override) --------------------------------------------------------------
+    def update_dense(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
+                     ) -> tuple[jax.Array, State]:
+        """One variable's update, in its compute dtype; returns the new variable and slots."""
+        raise NotImplementedError
+
+    def update_sparse(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
+                      ) -> tuple[jax.Array, State]:
+        """The update for a de-duplicated sparse gradient given densely (zero rows elsewhere)."""
+        return self.update_dense(var, grad, state, lr, t)
+
+    # ----- applying gradients ----------------------------------------------------------------------------
+    def _schedule(self) -> schedules.LearningRateSchedule | None:
+        lr = self._learning_rate
+        return lr if isinstance(lr, schedules.LearningRateSchedule) else None
+
+    def _lr_input(self) -> jax.Array:
+        if self._lr_array is None:
+            self._lr_array = jax.device_put(np.float32(self._learning_rate),
+                                            Layout.replicated(self.mesh, 0).to_named_sharding())
+        return self._lr_array
+
+    def _gradient_entry(self, grad: Any, var: Variable) -> tuple[StepEntry, list[Any]]:
+        """Validates one gradient against its variable; returns the step entry and the arrays to pass."""
+        layout = var.layout.to_partition_spec()
+        lay = tuple(layout) + (None,) * (len(var.shape) - len(layout))
+        slots = self._entry_slots()
+        if isinstance(grad, IndexedSlices):
+            values = jnp.asarray(grad.values)
+            indices = jnp.asarray(grad.indices)
+            if values.dtype != var.dtype:
+                raise TypeError(f"gradient for {var.name!r} has dtype {values.dtype}, the variable {var.dtype}")
+            if grad.dense_shape is not None and tuple(np.asarray(grad.dense_shape).tolist()) != var.shape:
+                raise ValueError(f"IndexedSlices for {var.name!r} has dense_shape {tuple(np.asarray(grad.dense_shape))}"
+                                 f", the variable has shape {var.shape}")
+            if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
+                raise TypeError(f"IndexedSlices for {var.name!r}: indices must be a 1-D integer array")
+            if values.shape != (indices.shape[0], *var.shape[1:]):
+                raise ValueError(f"IndexedSlices for {var.name!r}: values of shape {values.shape} do not match "
+                                 f"{indices.shape[0]} rows of a variable of shape {var.shape}")
+            if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= var.shape[0]):
+                raise ValueError(f"IndexedSlices for {var.name!r}: indices must be in [0, {var.shape[0]}), got "
+                                 f"[{int(indices.min())}, {int(indices.max())}]")
+            entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
+                              index_dtype=str(indices.dtype))
+            return entry, [values, indices]
+        g = grad if isinstance(grad, jax.Array) else jnp.asarray(grad)
+        if g.dtype != var.dtype:
+            raise TypeError(f"gradient for {var.name!r} has dtype {g.dtype}, the variable {var.dtype}")
+        gshape = tuple(g.shape)
+        if gshape != var.shape:
+            try:
+                ok = np.broadcast_shapes(gshape, var.shape) == var.shape
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"gradient for {var.name!r} has shape {gshape}, which does not broadcast to the "
+                                 f"variable's shape {var.shape}")
+        entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots,
+                          grad_shape=None if gshape == var.shape else gshape)
+        return entry, [g]
+
+    def _program(self, entries: tuple[StepEntry, ...]) -> StepProgram:
+        schedule = self._schedule()
+        key = (entries, None if schedule is None else repr(schedules.serialize(schedule)), self.pipeline)
+        program = self._programs.get(key)
+        if program is None:
+            mesh_axes = tuple(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+            convention = build_convention(list(entries), mesh_axes, has_lr_input=schedule is None)
+            fn = make_step_fn(self, list(entries), schedule)
+            program = compile_step(fn, convention, self.mesh, self.pipeline)
+            self._programs[key] = program
+        return program
+
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Variable]], name: str | None = None,
+                        skip_gradients_aggregation: bool = False, **kwargs: Any) -> Variable:
+        """Applies one step: compiled once per gradient signature, then cached. Returns `iterations`."""
+        pairs = list(grads_and_vars)
+        schedule = self._schedule()
+        if not pairs:
+            if schedule is not None:
+                self._current_lr = jnp.asarray(schedule(int(self.iterations.value)), jnp.float32)
+            return self.iterations
+        if not self._built:
+            self.build([v for _, v in pairs])
+        present = [(g, v) for g, v in pairs if g is not None]
+        for _, v in pairs:
+            self._var_index(v)
+        if not present:
+            raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in pairs]}.")
+        dropped = [v.name for g, v in pairs if g is None]
+        if dropped:
+            log.warning("Gradients do not exist for variables %s when minimizing the loss.", dropped)
+        entries, grad_arrays = [], []
+        for g, v in present:
+            entry, arrays = self._gradient_entry(g, v)
+            entries.append(entry)
+            grad_arrays.extend(arrays)
+        if self.global_clipnorm and not self.clipnorm and len({e.dtype for e in entries}) > 1:
+            raise TypeError("global_clipnorm needs every gradient to have the same dtype (tf.clip_by_global_norm "
+                            f"stacks the norms); got {sorted({e.dtype for e in entries})}")
+        program = self._program(tuple(entries))
+        variables = [v for _, v in present]
+        slot_vars = [self._slots[self._index[id(v)]][s] for v in variables for s in self._entry_slots()]
+        args = [v.value for v in variables] + grad_arrays + [s.value for s in slot_vars] + [self.iterations.value]
+        if schedule is None:
+            args.append(self._lr_input())
+        outs = program.executable(args)
+        for holder, value in zip([*variables, *slot_vars, self.iterations], outs, strict=False):
+            holder._set(value)
+        if schedule is not None:
+            self._current_lr = outs[-1]
+        return self.iterations
+
+    def compute_gradients(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],
+                          tape: Any = None) -> list[tuple[jax.Array, Variable]]:
+        """Gradients of `loss(values)` (a callable of the variables' values, in `var_list` order) by jax.grad."""
+        if not callable(loss):
+            raise TypeError("loss must be a callable of the list of variable values")
+        grads = jax.grad(loss)([v.value for v in var_list])
+        return list(zip(grads, var_list, strict=True))
+
+    def minimize(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],
+                 tape: Any = None) -> Variable:
+        """compute_gradients then apply_gradients."""
+        return self.apply_gradients(self.compute_gradients(loss, var_list, tape))
+
+    def update_step(self, gradient: Any, variable: Variable) -> None:
+        """The definition's update for one variable at the current step (no clipping, EMA or counter)."""
+        if not self._built:
+            self.build([variable])
+        index = self._var_index(variable)
+        entry, arrays = self._gradient_entry(gradient, variable)
+        names = self.slot_names()
+        sparse = entry.sparse_rows is not None
+        ct = compute_dtype(variable.dtype)
+        lr = self.learning_rate
+
+        @jax.jit
+        def one(var, lr, it, *rest):
+            g = rest[0].astype(ct)
+            if sparse:
+                g = jnp.zeros(entry.shape, ct).at[rest[1]].add(g, mode="drop")
+            g = jnp.broadcast_to(g, entry.shape)
+            state = {s: x.astype(ct) for s, x in zip(names, rest[len(arrays):], strict=True)}
+            update = self.update_sparse if sparse else self.update_dense
+            new_var, new_state = update(var.astype(ct), g, state, lr.astype(ct), (it + 1).astype(ct))
+            return new_var.astype(var.dtype), [new_state[s].astype(var.dtype) for s in names]
+
+        slots = [self._slots[index][s] for s in names]
+        new_var, new_slots = one(variable.value, lr, self.iterations.value, *arrays, *[s.value for s in slots])
+        variable._set(jax.device_put(new_var, variable.sharding))
+        for s, val in zip(slots, new_slots, strict=True):
+            s._set(jax.device_put(val, s.sharding))
+
+    def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:
+        """With EMA, sets each variable to its moving average (tf-keras semantics); otherwise a no-op."""
+        if not self.use_ema:
+            return
+        for v in var_list:
+            v._set(self._slots[self._var_index(v)][EMA_SLOT].value + 0)
+
+    def program_for(self, grads_and_vars: Iterable[tuple[Any, Variable]]) -> StepProgram:
+        """The compiled step (with every stage's IR) that `apply_gradients` would run for these gradients."""
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        if not self._built:
+            self.build([v for _, v in pairs])
+        return self._program(tuple(self._gradient_entry(g, v)[0] for g, v in pairs))
+
+    # ----- config ----------------------------------------------------------------------------------------
+    def _serialized_learning_rate(self) -> Any:
+        lr = self._learning_rate
+        return schedules.serialize(lr) if isinstance(lr, schedules.LearningRateSchedule) else np.float32(lr)
+
+    def get_config(self) -> dict[str, Any]:
+        """tf-keras's keys and values (jit_compile is the effective flag: False without a GPU)."""
+        return {
+            "name": self.name,
+            "weight_decay": self.weight_decay,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "jit_compile": bool(self.jit_compile and jax.default_backend() == "gpu"),
+            "is_legacy_optimizer": False,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Optimizer:
+        """Rebuilds an optimizer from `get_config()` output (a dict learning rate is a serialized schedule)."""
+        config = dict(config)
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+        return cls(**config)

@@ -1,0 +1,151 @@
+"""Builds the pure, flat step function that the frontend lowers: one call = one `apply_gradients`.
+
+`@main(vars, grads, slots, iterations, learning_rate) -> (vars, slots, iterations, current_lr)`, with tf-keras's
+order of work: schedule at the pre-increment counter, clip raw gradients, de-duplicate sparse rows, weight
+decay, the definition's update per variable, EMA (and its overwrite), counter increment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shardopt.frontend import clipping
+from shardopt.frontend.convention import (
+    COUNTER,
+    GRADIENT,
+    GRADIENT_INDICES,
+    HYPERPARAMETER,
+    SLOT,
+    VARIABLE,
+    CallingConvention,
+    TensorSpec,
+)
+
+if TYPE_CHECKING:
+    from shardopt.frontend.optimizer import Optimizer
+
+EMA_SLOT = "average"
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One variable that receives a gradient in this step, and how that gradient arrives."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: tuple[Any, ...]          # PartitionSpec-like tuple of the variable
+    slots: tuple[str, ...]           # slot names in the optimizer's order (EMA average last)
+    sparse_rows: int | None = None   # number of IndexedSlices rows, None for a dense gradient
+    grad_shape: tuple[int, ...] | None = None  # dense gradients may broadcast to the variable's shape
+    index_dtype: str = "int32"
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """Half-precision variables are updated in float32 and rounded once (shardopt's decision, spec top)."""
+    dt = np.dtype(dtype)
+    return np.dtype(np.float32) if dt.itemsize < 4 else dt
+
+
+def counter_dtype() -> np.dtype:
+    """int64 when jax has x64 enabled (as tf-keras), else int32 (as Keras 3 on JAX)."""
+    return np.dtype(np.int64) if jax.config.jax_enable_x64 else np.dtype(np.int32)
+
+
+def build_convention(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], ...],
+                     has_lr_input: bool) -> CallingConvention:
+    """The argument and result list of the step; slots are left with open layouts for propagate-layouts."""
+    args: list[TensorSpec] = []
+    for e in entries:
+        args.append(TensorSpec(e.name, VARIABLE, e.shape, e.dtype, layout=e.layout, donated=True))
+    for e in entries:
+        gname = f"grad/{e.name}"
+        if e.sparse_rows is None:
+            gshape = e.grad_shape if e.grad_shape is not None else e.shape
+            glayout = e.layout if gshape == e.shape else None
+            args.append(TensorSpec(gname, GRADIENT, gshape, e.dtype, owner=e.name, layout=glayout))
+        else:
+            args.append(TensorSpec(gname, GRADIENT, (e.sparse_rows, *e.shape[1:]), e.dtype, owner=e.name))
+            args.append(TensorSpec(f"grad_indices/{e.name}", GRADIENT_INDICES, (e.sparse_rows,), e.index_dtype,
+                                   owner=e.name))
+    for e in entries:
+        for s in e.slots:
+            args.append(TensorSpec(f"{s}/{e.name}", SLOT, e.shape, e.dtype, owner=e.name, donated=True))
+    ctr = str(counter_dtype())
+    args.append(TensorSpec("iterations", COUNTER, (), ctr, layout=(), donated=True))
+    if has_lr_input:
+        args.append(TensorSpec("learning_rate", HYPERPARAMETER, (), "float32", layout=()))
+    results = [a for a in args if a.role in (VARIABLE, SLOT, COUNTER)]
+    results.append(TensorSpec("learning_rate", HYPERPARAMETER, (), "float32", layout=()))
+    return CallingConvention(tuple(args), tuple(results), mesh_axes)
+
+
+def _densify(values: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """De-duplicated sparse rows as a dense tensor: duplicate rows are summed (tf's unsorted_segment_sum)."""
+    return jnp.zeros(shape, values.dtype).at[indices].add(values, mode="drop")
+
+
+def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None
+                 ) -> Callable[..., tuple[jax.Array, ...]]:
+    """The flat step for `entries` under `opt`'s configuration (everything but lr is a compile-time constant)."""
+    n = len(entries)
+    ngrad_args = sum(1 if e.sparse_rows is None else 2 for e in entries)
+    nslots = sum(len(e.slots) for e in entries)
+    use_ema = opt.use_ema
+
+    def step(*flat: jax.Array) -> tuple[jax.Array, ...]:
+        variables = list(flat[:n])
+        grad_args = list(flat[n:n + ngrad_args])
+        slot_args = list(flat[n + ngrad_args:n + ngrad_args + nslots])
+        iterations = flat[n + ngrad_args + nslots]
+        lr = schedule(iterations) if schedule is not None else flat[n + ngrad_args + nslots + 1]
+        lr = jnp.asarray(lr, jnp.float32)
+
+        raw, indices, k = [], [], 0
+        for e in entries:
+            raw.append(grad_args[k])
+            indices.append(None if e.sparse_rows is None else grad_args[k + 1])
+            k += 1 if e.sparse_rows is None else 2
+        clipped = clipping.clip_gradients(raw, opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
+
+        slots_of, k = [], 0
+        for e in entries:
+            slots_of.append(dict(zip(e.slots, slot_args[k:k + len(e.slots)], strict=True)))
+            k += len(e.slots)
+
+        new_vars, new_slots = [], []
+        for e, var, g, idx, slots in zip(entries, variables, clipped, indices, slots_of, strict=True):
+            ct = compute_dtype(e.dtype)
+            t = (iterations + 1).astype(ct)
+            lr_c = lr.astype(ct)
+            var_c = var.astype(ct)
+            state = {s: slots[s].astype(ct) for s in e.slots if s != EMA_SLOT}
+            if idx is None:
+                g_c = jnp.broadcast_to(g.astype(ct), e.shape)
+            else:
+                g_c = _densify(g.astype(ct), idx, e.shape)
+            if opt.weight_decay is not None:
+                var_c = var_c - (var_c * jnp.asarray(np.float32(opt.weight_decay), ct)) * lr_c
+            if idx is None:
+                var_c, state = opt.update_dense(var_c, g_c, state, lr_c, t)
+            else:
+                var_c, state = opt.update_sparse(var_c, g_c, state, lr_c, t)
+            out_slots = {s: v.astype(e.dtype) for s, v in state.items()}
+            if use_ema:
+                avg = slots[EMA_SLOT].astype(ct)
+                avg = jnp.asarray(opt.ema_momentum, ct) * avg + jnp.asarray(1 - opt.ema_momentum, ct) * var_c
+                if opt.ema_overwrite_frequency:
+                    overwrite = (iterations + 1) % opt.ema_overwrite_frequency == 0
+                    var_c = jnp.where(overwrite, avg, var_c)
+                out_slots[EMA_SLOT] = avg.astype(e.dtype)
+            new_vars.append(var_c.astype(e.dtype))
+            new_slots.extend(out_slots[s] for s in e.slots)
+        return (*new_vars, *new_slots, iterations + 1, lr)
+
+    return step

@@ -1,0 +1,117 @@
+"""Variables laid out on a mesh, data-free variable specs, and sparse gradients."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from shardopt.frontend.layout import Layout, as_layout
+
+_unnamed = itertools.count()
+
+
+class Variable:
+    """A named, mutable tensor with a layout; its value is a `jax.Array` placed per the layout.
+
+    Without a layout the variable is placed replicated on the optimizer's mesh when the optimizer builds.
+    """
+
+    def __init__(
+        self,
+        initial_value: Any,
+        name: str | None = None,
+        layout: Any = None,
+        dtype: Any = None,
+        trainable: bool = True,
+        mesh: Mesh | None = None,
+    ):
+        value = jnp.asarray(initial_value, dtype=dtype) if dtype is not None else jnp.asarray(initial_value)
+        self.name = name if name is not None else f"Variable_{next(_unnamed)}"
+        self.trainable = trainable
+        self._layout: Layout | None = as_layout(layout, mesh, value.ndim)
+        if self._layout is not None:
+            self._layout.validate(value.shape, f"variable {self.name!r}")
+            value = jax.device_put(value, self._layout.to_named_sharding())
+        self._value: jax.Array = value
+
+    @property
+    def value(self) -> jax.Array:
+        return self._value
+
+    @property
+    def layout(self) -> Layout | None:
+        return self._layout
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._value.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._value.dtype
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding:
+        return self._value.sharding
+
+    def place(self, layout: Layout) -> None:
+        """Gives the variable `layout` and moves its value there (used by `Optimizer.build`)."""
+        layout.validate(self.shape, f"variable {self.name!r}")
+        self._layout = layout
+        self._value = jax.device_put(self._value, layout.to_named_sharding())
+
+    def assign(self, value: Any) -> Variable:
+        """Replaces the value (same shape and dtype), keeping the layout."""
+        new = jnp.asarray(value, dtype=self.dtype)
+        if new.shape != self._value.shape:
+            raise ValueError(f"cannot assign a value of shape {new.shape} to variable {self.name!r} "
+                             f"of shape {self.shape}")
+        self._set(jax.device_put(new, self._value.sharding) if self._layout is not None else new)
+        return self
+
+    def _set(self, array: jax.Array) -> None:
+        """Stores a new value computed by a compiled step (already in the right place)."""
+        self._value = array
+
+    def numpy(self) -> np.ndarray:
+        return np.asarray(self._value)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = np.asarray(self._value)
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def __repr__(self) -> str:
+        return f"<shardopt.Variable {self.name!r} shape={self.shape} dtype={self.dtype} layout={self._layout}>"
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """Shape, dtype and layout of a variable, without data: enough to compile a step."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    layout: Any = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+
+@dataclass(frozen=True)
+class IndexedSlices:
+    """A sparse gradient: rows `indices` of a tensor of `dense_shape` hold `values` (duplicates are summed)."""
+
+    values: Any
+    indices: Any
+    dense_shape: Any = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.values.dtype)

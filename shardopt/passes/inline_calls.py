@@ -1,0 +1,37 @@
+"""`inline-calls`: inlines every `func.call` in `@main` (jaxlib's `inline` pass does not inline func.call).
+
+jax lowers some helpers (`jnp.where`, optax pieces) to private functions; fusion needs one flat body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from jaxlib.mlir import ir
+
+from shardopt import ir as sir
+from shardopt.compat.jax_private import inline_func_call
+
+
+class InlineCalls:
+    """Replaces each `func.call` with a copy of its callee, until none are left."""
+
+    NAME: ClassVar[str] = "inline-calls"
+
+    def run(self, module: ir.Module) -> dict[str, Any]:
+        funcs = {ir.StringAttr(op.attributes["sym_name"]).value: op.operation
+                 for op in module.body.operations if op.operation.name == "func.func"}
+        inlined = 0
+        while True:
+            calls = [op for op in sir.walk_ops(module.operation) if op.name == "func.call"]
+            if not calls:
+                break
+            for call in calls:
+                callee = ir.FlatSymbolRefAttr(call.attributes["callee"]).value
+                with ir.InsertionPoint(call), call.location:
+                    results = inline_func_call(funcs[callee], list(call.operands))
+                for old, new in zip(call.results, results, strict=True):
+                    old.replace_all_uses_with(new)
+                call.erase()
+                inlined += 1
+        return {"calls_inlined": inlined}

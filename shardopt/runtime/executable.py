@@ -1,0 +1,115 @@
+"""Runs an optimized step module on its mesh through PJRT, with donation, validating inputs first.
+
+The module is carried by a `jax.export.Exported` (jax's own export with our module swapped in), so jax's PJRT
+client compiles it once, assembles sharded outputs and handles donation. Every input is checked for shape, dtype
+and sharding *before* the call, because a donated buffer is gone once the executable starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlib.mlir.dialects import stablehlo as hlo
+
+from shardopt import ir as sir
+from shardopt.compat.jax_private import exported_with_module, serialize_portable
+from shardopt.frontend.convention import CallingConvention, TensorSpec
+from shardopt.frontend.layout import auto_mesh, same_mesh
+
+
+class StepInputError(ValueError):
+    """An input does not match the compiled step; nothing was donated or changed."""
+
+
+def portable_target() -> str:
+    """The StableHLO version artifacts are written for: 4 weeks back, jax.export's default window."""
+    return hlo.get_version_from_compatibility_requirement(hlo.StablehloCompatibilityRequirement.WEEK_4)
+
+
+def module_bytes(module_text: str) -> bytes:
+    """Portable (VHLO) bytes of a StableHLO module, as jax.export stores them."""
+    ctx = sir.make_ir_context()
+    module = sir.parse(module_text, ctx)
+    with ctx:
+        return serialize_portable(module, portable_target())
+
+
+def named_sharding(mesh: Mesh, spec: TensorSpec) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(*(spec.layout or ())))
+
+
+class CompiledStep:
+    """One optimized step, callable on flat jax arrays in the calling convention's order."""
+
+    def __init__(self, exported: jax.export.Exported, convention: CallingConvention, mesh: Mesh):
+        self.convention = convention
+        self.mesh = auto_mesh(mesh)
+        self.exported = exported
+        self.in_shardings = [named_sharding(self.mesh, a) for a in convention.args]
+        self.out_shardings = [named_sharding(self.mesh, r) for r in convention.results]
+        self._donated = set(convention.donated_argnums())
+        self._fn = jax.jit(exported.call, donate_argnums=convention.donated_argnums())
+
+    @classmethod
+    def from_module(cls, module_text: str, convention: CallingConvention, template: jax.export.Exported,
+                    mesh: Mesh) -> CompiledStep:
+        """Swaps the optimized module into jax's export of the same step and prepares it for `mesh`."""
+        check_mesh(convention, mesh)
+        abstract = auto_mesh(mesh).abstract_mesh
+        ins = tuple(NamedSharding(abstract, PartitionSpec(*(a.layout or ()))) for a in convention.args)
+        outs = tuple(NamedSharding(abstract, PartitionSpec(*(r.layout or ()))) for r in convention.results)
+        exported = exported_with_module(template, module_bytes(module_text), ins, outs)
+        return cls(exported, convention, mesh)
+
+    def validate(self, args: Sequence[Any]) -> list[jax.Array]:
+        """Checks every input against the convention; moves non-donated inputs to their sharding."""
+        specs = self.convention.args
+        if len(args) != len(specs):
+            raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
+        out = []
+        for a, spec, want in zip(args, specs, self.in_shardings, strict=True):
+            if tuple(a.shape) != spec.shape:
+                raise StepInputError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
+            if np.dtype(a.dtype) != np.dtype(spec.dtype):
+                raise StepInputError(f"{spec.name}: expected dtype {spec.dtype}, got {np.dtype(a.dtype)}")
+            if not isinstance(a, jax.Array) or a.sharding != want:
+                if isinstance(a, jax.Array) and a.is_deleted():
+                    raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
+                if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(want, len(spec.shape)):
+                    pass
+                elif spec.donated:
+                    raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got "
+                                         f"{getattr(a, 'sharding', 'a host array')}")
+                else:
+                    a = jax.device_put(a, want)
+            elif a.is_deleted():
+                raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
+            out.append(a)
+        return out
+
+    def __call__(self, args: Sequence[Any]) -> list[jax.Array]:
+        return list(self._fn(*self.validate(args)))
+
+    def call_unchecked(self, args: Sequence[jax.Array]) -> list[jax.Array]:
+        """The compiled executable alone (what the dispatch benchmark compares against)."""
+        return list(self._fn(*args))
+
+    def lower(self) -> Any:
+        avals = [jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype), sharding=s)
+                 for a, s in zip(self.convention.args, self.in_shardings, strict=True)]
+        return self._fn.lower(*avals)
+
+
+def check_mesh(convention: CallingConvention, mesh: Mesh) -> None:
+    """The step was compiled for a mesh of these axis names and sizes; anything else is an error."""
+    have = tuple(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    if tuple(convention.mesh_axes) != have:
+        raise StepInputError(f"wrong mesh: the step was compiled for mesh {dict(convention.mesh_axes)}, "
+                             f"got {dict(have)}")
+
+
+__all__ = ["CompiledStep", "StepInputError", "check_mesh", "module_bytes", "portable_target", "same_mesh"]

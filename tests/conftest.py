@@ -1,0 +1,25 @@
+"""Test setup: 8 virtual CPU devices and Keras on JAX, fixed before jax or keras is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """The 2x4 ('batch', 'model') mesh of the issue's examples, over the 8 CPU devices."""
+    return jax.make_mesh((2, 4), ("batch", "model"))
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    """A 1-D mesh of all 8 devices."""
+    return jax.make_mesh((8,), ("x",))
