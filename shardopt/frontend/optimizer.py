@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from shardopt.compiler import StepProgram, compile_step
 from shardopt.frontend import options, schedules
-from shardopt.frontend.layout import Layout, auto_mesh, default_mesh, same_mesh
+from shardopt.frontend.layout import Layout, as_layout, auto_mesh, default_mesh, same_mesh
 from shardopt.frontend.step import (
     EMA_SLOT,
     StepEntry,
@@ -27,8 +27,9 @@ from shardopt.frontend.step import (
     counter_dtype,
     make_step_fn,
 )
-from shardopt.frontend.variables import IndexedSlices, Variable
+from shardopt.frontend.variables import IndexedSlices, Variable, VariableSpec
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
+from shardopt.runtime.functional import SLOT_INIT_FROM_VARIABLE, SLOT_INIT_ZEROS, FunctionalStep, path_name
 
 log = logging.getLogger("shardopt")
 
@@ -391,6 +392,52 @@ class Optimizer:
         if not self._built:
             self.build([v for _, v in pairs])
         return self._program(tuple(self._gradient_entry(g, v)[0] for g, v in pairs))
+
+    def compile(self, specs: Any) -> FunctionalStep:
+        """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data.
+
+        Returns a functional step: `state = step.init(params)`, `params, state = step(params, grads, state)`.
+        This optimizer's own state is not used or changed.
+        """
+        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(
+            specs, is_leaf=lambda x: isinstance(x, (VariableSpec, Variable)))
+        if not leaves_with_path:
+            raise ValueError("compile() needs at least one variable spec")
+        mesh = self.mesh
+        if mesh is None:
+            layouts = [leaf.layout for _, leaf in leaves_with_path if getattr(leaf, "layout", None) is not None]
+            mesh = as_layout(layouts[0], None, 0).mesh if layouts else default_mesh()
+        entries, names = [], []
+        for path, leaf in leaves_with_path:
+            if not isinstance(leaf, (VariableSpec, Variable)):
+                raise TypeError(f"compile() takes VariableSpec or Variable leaves, got {type(leaf).__name__} at "
+                                f"{path_name(path)}")
+            shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+            name = leaf.name if isinstance(leaf, Variable) or leaf.name else path_name(path)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"variable {name!r} has dtype {dtype}: optimizers update floating point variables")
+            layout = as_layout(leaf.layout, mesh, len(shape)) or Layout.replicated(mesh, len(shape))
+            layout.validate(shape, f"variable {name!r}")
+            if not same_mesh(auto_mesh(layout.mesh), auto_mesh(mesh)):
+                raise ValueError(f"variable {name!r} is laid out on a different mesh than the optimizer's")
+            spec = tuple(layout.to_partition_spec())
+            entries.append(StepEntry(name, shape, str(dtype), spec + (None,) * (len(shape) - len(spec)),
+                                     self._entry_slots()))
+            names.append(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"variable names must be unique, got duplicates in {names}")
+        saved_mesh, self.mesh = self.mesh, mesh
+        try:
+            program = self._program(tuple(entries))
+        finally:
+            self.mesh = saved_mesh
+        schedule = self._schedule()
+        return FunctionalStep(
+            executable=program.executable, treedef=treedef, names=tuple(names),
+            slot_names=self._entry_slots(),
+            slot_init={s: (SLOT_INIT_FROM_VARIABLE if s == EMA_SLOT else SLOT_INIT_ZEROS) for s in self._entry_slots()},
+            initial_learning_rate=None if schedule is not None else float(self._learning_rate),
+            optimizer_config=self.get_config(), pipeline=tuple(self.pipeline), program=program)
 
     # ----- config ----------------------------------------------------------------------------------------
     def _serialized_learning_rate(self) -> Any:
