@@ -66,9 +66,10 @@ def annotate(module: ir.Module, convention: CallingConvention) -> None:
     fn = sir.main_func(module)
     if len(fn.arg_attrs) != len(convention.args):
         raise AssertionError(f"lowered @main has {len(fn.arg_attrs)} arguments, expected {len(convention.args)}")
-    sir.set_arg_attrs(fn, [_spec_attrs(s, sir.arg_attr(fn, i, "sdy.sharding"))
+    current_args, current_results = sir.arg_attrs(fn), sir.result_attrs(fn)
+    sir.set_arg_attrs(fn, [_spec_attrs(s, current_args[i].get("sdy.sharding"))
                            for i, s in enumerate(convention.args)])
-    sir.set_result_attrs(fn, [_spec_attrs(s, sir.result_attr(fn, i, "sdy.sharding"))
+    sir.set_result_attrs(fn, [_spec_attrs(s, current_results[i].get("sdy.sharding"))
                               for i, s in enumerate(convention.results)])
     for op in list(module.body.operations):
         if op.operation.name == "sdy.mesh" and ir.StringAttr(op.attributes["sym_name"]).value == "empty_mesh":

@@ -192,12 +192,14 @@ class Optimizer:
                                     shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
         """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given)."""
         shape = tuple(model_variable.shape if shape is None else shape)
-        init = jnp.zeros(shape, model_variable.dtype) if initial_value is None else initial_value
         layout = model_variable.layout if shape == model_variable.shape else None
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
-        slot = Variable(jnp.array(init, dtype=model_variable.dtype, copy=True),
-                        name=f"{variable_name}/{model_variable.name}", layout=layout)
+        if initial_value is None:
+            init = jnp.zeros(shape, model_variable.dtype, device=layout.to_named_sharding())
+        else:
+            init = jnp.array(initial_value, dtype=model_variable.dtype, copy=True)
+        slot = Variable(init, name=f"{variable_name}/{model_variable.name}", layout=layout)
         self._variables.append(slot)
         if id(model_variable) in self._index:
             self._slots[self._index[id(model_variable)]][variable_name] = slot
@@ -437,7 +439,8 @@ class Optimizer:
             slot_names=self._entry_slots(),
             slot_init={s: (SLOT_INIT_FROM_VARIABLE if s == EMA_SLOT else SLOT_INIT_ZEROS) for s in self._entry_slots()},
             initial_learning_rate=None if schedule is not None else float(self._learning_rate),
-            optimizer_config=self.get_config(), pipeline=tuple(self.pipeline), program=program)
+            optimizer_config=self.get_config(), pipeline=tuple(self.pipeline), program=program,
+            optimizer_class=type(self).__name__)
 
     # ----- config ----------------------------------------------------------------------------------------
     def _serialized_learning_rate(self) -> Any:
