@@ -58,6 +58,7 @@ class PropagateLayouts:
         names = [sir.string_attr(a.get("shardopt.name")) or f"arg{i}" for i, a in enumerate(args)]
         roles = [sir.string_attr(a.get("shardopt.role")) for a in args]
         layouts: dict[str, tuple[Any, ...]] = {}
+        shapes = {n: _shape(t) for n, t in zip(names, types, strict=True)}
         final: list[tuple[Any, ...]] = []
         stats = {"arguments": len(args), "followed_owner": 0, "replicated": 0, "checked": 0}
 
@@ -77,7 +78,7 @@ class PropagateLayouts:
             rank = len(_shape(types[i]))
             owner = sir.string_attr(a.get("shardopt.owner"))
             if roles[i] in FOLLOWS_OWNER or (roles[i] == GRADIENT and owner in layouts
-                                             and _shape(types[i]) == _owner_shape(owner, names, types)):
+                                             and _shape(types[i]) == shapes.get(owner)):
                 if owner not in layouts:
                     raise PassError(f"{names[i]}: its variable {owner!r} is not an argument of @main")
                 want = layouts[owner]
@@ -110,13 +111,6 @@ class PropagateLayouts:
         sir.set_result_attrs(fn, [{"sdy.sharding": sir.sharding_attr(lay, len(lay))} for lay in out])
         stats["results"] = len(out)
         return stats
-
-
-def _owner_shape(owner: str, names: list[str], types: list[ir.Type]) -> list[int] | None:
-    for n, t in zip(names, types, strict=True):
-        if n == owner:
-            return _shape(t)
-    return None
 
 
 def _fmt(layout: tuple[Any, ...]) -> str:
