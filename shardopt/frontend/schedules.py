@@ -1,8 +1,9 @@
 """Learning-rate schedules with tf-keras 2.21 semantics, traceable inside ``jax.jit``.
 
-The formulas follow ``tf_keras.optimizers.schedules`` (identical to Keras 3's) op for op in float32, so a
-schedule gives the same learning rate at every step as the reference. ``serialize`` emits exactly tf-keras's
-dict, so configs move freely between shardopt, tf-keras and Keras 3.
+The formulas follow ``tf_keras.optimizers.schedules`` (and Keras 3's) op for op in float32: called eagerly a
+schedule gives tf-keras's learning rate bit for bit; under ``jax.jit`` XLA's fusion may move the last bit
+(see ``_f32`` for the rewrite that would do worse). ``serialize`` emits exactly tf-keras's dict, so configs
+move freely between shardopt, tf-keras and Keras 3.
 
 Differences from tf-keras, all deliberate (see ``adam-semantics.md``):
 
@@ -24,21 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "CosineDecay",
-    "CosineDecayRestarts",
-    "ExponentialDecay",
-    "InverseTimeDecay",
-    "LearningRateSchedule",
-    "PiecewiseConstantDecay",
-    "PolynomialDecay",
-    "deserialize",
-    "is_schedule",
-    "serialize",
+    "LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay", "InverseTimeDecay",
+    "CosineDecay", "CosineDecayRestarts", "deserialize", "is_schedule", "serialize",
 ]
 
 _MODULE = "keras.optimizers.schedules"
-_f32 = np.float32  # constants: numpy float32 scalars keep jnp arithmetic in float32
-_PI = _f32(math.pi)
+_PI = np.float32(math.pi)
+
+
+def _f32(value: float) -> jax.Array:
+    """A float32 constant that XLA may not rewrite around.
+
+    Under ``jax.jit`` XLA turns ``x / c`` for a constant ``c`` into ``x * (1/c)``, which is off by an ulp:
+    Keras 3's ``PolynomialDecay(0.1, 13, power=0.5)`` then gives ``(1 - 13 * (1/13)) ** 0.5 = NaN`` after
+    step 13. Behind an optimization barrier the constant is opaque, so jitted values equal eager tf-keras's.
+    """
+    return jax.lax.optimization_barrier(jnp.float32(value))
 
 
 def _plain(value: Any) -> Any:
@@ -54,6 +56,12 @@ def _number(arg: str, value: Any) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"Argument `{arg}` must be a Python number. Received: {arg}={value!r}")
     return value
+
+
+def _numbers(arg: str, values: Sequence[Any]) -> list[int | float] | tuple[int | float, ...]:
+    """``_number`` of each element; a tuple stays a tuple (as in tf-keras's config), anything else is a list."""
+    out = [_number(arg, v) for v in values]
+    return tuple(out) if isinstance(values, tuple) else out
 
 
 def _positive(arg: str, value: Any) -> int | float:
@@ -92,11 +100,16 @@ class LearningRateSchedule:
             f"Learning rate schedule '{type(self).__name__}' must override `__call__(self, step)`."
         )
 
+    # Constructor argument names in tf-keras's order; get_config reads the attributes of the same names.
+    _CONFIG: tuple[str, ...] = ()
+
     def get_config(self) -> dict[str, Any]:
-        raise NotImplementedError(
-            f"Learning rate schedule '{type(self).__name__}' must override `get_config()` "
-            "in order to be serializable."
-        )
+        if not self._CONFIG:
+            raise NotImplementedError(
+                f"Learning rate schedule '{type(self).__name__}' must override `get_config()` "
+                "in order to be serializable."
+            )
+        return {k: getattr(self, k) for k in self._CONFIG}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LearningRateSchedule:
@@ -113,14 +126,10 @@ class LearningRateSchedule:
 class ExponentialDecay(LearningRateSchedule):
     """``init * decay_rate ** (step / decay_steps)``: smooth (or staircase) geometric decay."""
 
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        decay_steps: int | float,
-        decay_rate: float,
-        staircase: bool = False,
-        name: str | None = None,
-    ) -> None:
+    _CONFIG = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int | float, decay_rate: float,
+                 staircase: bool = False, name: str | None = None) -> None:
         self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
         self.decay_rate = _number("decay_rate", decay_rate)
@@ -133,30 +142,22 @@ class ExponentialDecay(LearningRateSchedule):
             p = jnp.floor(p)
         return _f32(self.initial_learning_rate) * jnp.power(_f32(self.decay_rate), p)
 
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "decay_rate": self.decay_rate,
-            "staircase": self.staircase,
-            "name": self.name,
-        }
-
 
 class PiecewiseConstantDecay(LearningRateSchedule):
     """``values[i]`` on ``(boundaries[i-1], boundaries[i]]``: fixed learning rates for ranges of steps."""
 
-    def __init__(self, boundaries: Sequence[int | float], values: Sequence[float], name: str | None = None):
+    _CONFIG = ("boundaries", "values", "name")
+
+    def __init__(self, boundaries: Sequence[int | float], values: Sequence[float],
+                 name: str | None = None) -> None:
         if len(boundaries) != len(values) - 1:
             raise ValueError(
                 "The length of boundaries should be 1 less than the length of values. "
                 f"Received: boundaries={boundaries} of length {len(boundaries)}, "
                 f"and values={values} of length {len(values)}."
             )
-        seq = tuple if isinstance(boundaries, tuple) else list
-        self.boundaries = seq(_number("boundaries", b) for b in boundaries)
-        seq = tuple if isinstance(values, tuple) else list
-        self.values = seq(_number("values", v) for v in values)
+        self.boundaries = _numbers("boundaries", boundaries)
+        self.values = _numbers("values", values)
         self.name = name
         # tf-keras converts a float boundary to float32, then casts it to the step's int dtype (truncation).
         self._int_boundaries = [b if isinstance(b, int) else int(np.float32(b)) for b in self.boundaries]
@@ -180,22 +181,15 @@ class PiecewiseConstantDecay(LearningRateSchedule):
             result = xp.where(at_most(b), np.float32(v), result)
         return jnp.asarray(result, jnp.float32)
 
-    def get_config(self) -> dict[str, Any]:
-        return {"boundaries": self.boundaries, "values": self.values, "name": self.name}
-
 
 class PolynomialDecay(LearningRateSchedule):
     """``(init - end) * (1 - step/decay_steps) ** power + end``: reach ``end`` at ``decay_steps`` or cycle."""
 
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        decay_steps: int | float,
-        end_learning_rate: float = 0.0001,
-        power: float = 1.0,
-        cycle: bool = False,
-        name: str | None = None,
-    ) -> None:
+    _CONFIG = ("initial_learning_rate", "decay_steps", "end_learning_rate", "power", "cycle", "name")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int | float,
+                 end_learning_rate: float = 0.0001, power: float = 1.0, cycle: bool = False,
+                 name: str | None = None) -> None:
         self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
         self.end_learning_rate = _number("end_learning_rate", end_learning_rate)
@@ -204,37 +198,22 @@ class PolynomialDecay(LearningRateSchedule):
         self.name = name
 
     def __call__(self, step: Any) -> jax.Array:
-        s = _float_step(step)
-        ds = _f32(self.decay_steps)
+        s, ds = _float_step(step), _f32(self.decay_steps)
         if self.cycle:
-            ds = ds * jnp.where(s == 0, _f32(1.0), jnp.ceil(s / ds))
+            ds = ds * jnp.where(s == 0, np.float32(1.0), jnp.ceil(s / ds))
         else:
             s = jnp.minimum(s, ds)
         init, end = _f32(self.initial_learning_rate), _f32(self.end_learning_rate)
         return (init - end) * jnp.power(1 - s / ds, _f32(self.power)) + end
 
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "end_learning_rate": self.end_learning_rate,
-            "power": self.power,
-            "cycle": self.cycle,
-            "name": self.name,
-        }
-
 
 class InverseTimeDecay(LearningRateSchedule):
     """``init / (1 + decay_rate * step / decay_steps)``: 1/t decay, smooth or staircase."""
 
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        decay_steps: int | float,
-        decay_rate: float,
-        staircase: bool = False,
-        name: str | None = None,
-    ) -> None:
+    _CONFIG = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int | float, decay_rate: float,
+                 staircase: bool = False, name: str | None = None) -> None:
         self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
         self.decay_rate = _number("decay_rate", decay_rate)
@@ -247,28 +226,15 @@ class InverseTimeDecay(LearningRateSchedule):
             p = jnp.floor(p)
         return _f32(self.initial_learning_rate) / (_f32(1) + _f32(self.decay_rate) * p)
 
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "decay_rate": self.decay_rate,
-            "staircase": self.staircase,
-            "name": self.name,
-        }
-
 
 class CosineDecay(LearningRateSchedule):
     """Half-cosine from the start rate down to ``alpha`` times it, after an optional linear warmup (SGDR)."""
 
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        decay_steps: int | float,
-        alpha: float = 0.0,
-        name: str | None = None,
-        warmup_target: float | None = None,
-        warmup_steps: int | float = 0,
-    ) -> None:
+    _CONFIG = ("initial_learning_rate", "decay_steps", "alpha", "name", "warmup_target", "warmup_steps")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int | float, alpha: float = 0.0,
+                 name: str | None = None, warmup_target: float | None = None,
+                 warmup_steps: int | float = 0) -> None:
         self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
         self.alpha = _number("alpha", alpha)
@@ -282,38 +248,23 @@ class CosineDecay(LearningRateSchedule):
         return start * (_f32(1 - self.alpha) * cosine + _f32(self.alpha))
 
     def __call__(self, step: Any) -> jax.Array:
-        s = _float_step(step)
-        init, ds = _f32(self.initial_learning_rate), _f32(self.decay_steps)
+        s, ds = _float_step(step), _f32(self.decay_steps)
+        init = _f32(self.initial_learning_rate)
         if self.warmup_target is None:
             return self._decay(jnp.minimum(s, ds), ds, init)
         target, ws = _f32(self.warmup_target), _f32(self.warmup_steps)
         s = jnp.minimum(s, ds + ws)
-        warm = (target - init) * (s / ws) + init
+        warm = (target - init) * (s / ws) + init  # not selected (and maybe NaN) when warmup_steps == 0
         return jnp.where(s < ws, warm, self._decay(s - ws, ds, target))
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "alpha": self.alpha,
-            "name": self.name,
-            "warmup_target": self.warmup_target,
-            "warmup_steps": self.warmup_steps,
-        }
 
 
 class CosineDecayRestarts(LearningRateSchedule):
     """Cosine decay with warm restarts (SGDR): periods grow by ``t_mul``, peaks shrink by ``m_mul``."""
 
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        first_decay_steps: int | float,
-        t_mul: float = 2.0,
-        m_mul: float = 1.0,
-        alpha: float = 0.0,
-        name: str | None = None,
-    ) -> None:
+    _CONFIG = ("initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "name")
+
+    def __init__(self, initial_learning_rate: float, first_decay_steps: int | float, t_mul: float = 2.0,
+                 m_mul: float = 1.0, alpha: float = 0.0, name: str | None = None) -> None:
         self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate)
         self.first_decay_steps = _positive("first_decay_steps", first_decay_steps)
         self.t_mul = _number("t_mul", t_mul)
@@ -324,7 +275,7 @@ class CosineDecayRestarts(LearningRateSchedule):
     def __call__(self, step: Any) -> jax.Array:
         frac = _float_step(step) / _f32(self.first_decay_steps)
         t_mul, m_mul, alpha = _f32(self.t_mul), _f32(self.m_mul), _f32(self.alpha)
-        if t_mul == 1.0:  # the reference's tf.cond on float32(t_mul) == 1; t_mul is a constant here
+        if np.float32(self.t_mul) == 1.0:  # the reference's tf.cond(float32(t_mul) == 1), decided statically
             i = jnp.floor(frac)
             frac = frac - i
         else:
@@ -334,27 +285,10 @@ class CosineDecayRestarts(LearningRateSchedule):
         cosine = 0.5 * jnp.power(m_mul, i) * (1.0 + jnp.cos(_PI * frac))
         return _f32(self.initial_learning_rate) * ((1 - alpha) * cosine + alpha)
 
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "first_decay_steps": self.first_decay_steps,
-            "t_mul": self.t_mul,
-            "m_mul": self.m_mul,
-            "alpha": self.alpha,
-            "name": self.name,
-        }
-
 
 _BUILTIN: dict[str, type[LearningRateSchedule]] = {
-    c.__name__: c
-    for c in (
-        ExponentialDecay,
-        PiecewiseConstantDecay,
-        PolynomialDecay,
-        InverseTimeDecay,
-        CosineDecay,
-        CosineDecayRestarts,
-    )
+    c.__name__: c for c in (ExponentialDecay, PiecewiseConstantDecay, PolynomialDecay, InverseTimeDecay,
+                            CosineDecay, CosineDecayRestarts)
 }
 
 
@@ -392,7 +326,5 @@ def deserialize(
     name = config["class_name"]
     cls = known.get(name) or known.get(config.get("registered_name"))
     if cls is None:
-        raise ValueError(
-            f"Unknown learning rate schedule class_name {name!r}. Expected one of {sorted(known)}."
-        )
+        raise ValueError(f"Unknown learning rate schedule class_name {name!r}. Expected one of {sorted(known)}.")
     return cls.from_config(dict(config["config"]))
