@@ -36,6 +36,16 @@ log = logging.getLogger("shardopt")
 State = dict[str, jax.Array]
 
 
+def _gradient_array(grad: Any, var: Variable) -> jax.Array:
+    """`grad` as a jax array of the variable's dtype. The dtype checked is the one `grad` arrives with: without
+    jax x64, `jnp.asarray` would silently narrow a numpy float64 gradient for a float32 variable."""
+    dtype = np.dtype(grad.dtype) if hasattr(grad, "dtype") else None
+    g = grad if isinstance(grad, jax.Array) else jnp.asarray(grad)
+    if (dtype or g.dtype) != var.dtype:
+        raise TypeError(f"gradient for {var.name!r} has dtype {dtype or g.dtype}, the variable {var.dtype}")
+    return g
+
+
 class Optimizer:
     """Base class of shardopt optimizers (tf-keras's `Optimizer` API, compiled per gradient signature)."""
 
@@ -254,10 +264,8 @@ class Optimizer:
         lay = tuple(layout) + (None,) * (len(var.shape) - len(layout))
         slots = self._entry_slots()
         if isinstance(grad, IndexedSlices):
-            values = jnp.asarray(grad.values)
+            values = _gradient_array(grad.values, var)
             indices = jnp.asarray(grad.indices)
-            if values.dtype != var.dtype:
-                raise TypeError(f"gradient for {var.name!r} has dtype {values.dtype}, the variable {var.dtype}")
             if grad.dense_shape is not None and tuple(np.asarray(grad.dense_shape).tolist()) != var.shape:
                 raise ValueError(f"IndexedSlices for {var.name!r} has dense_shape {tuple(np.asarray(grad.dense_shape))}"
                                  f", the variable has shape {var.shape}")
@@ -272,9 +280,7 @@ class Optimizer:
             entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
                               index_dtype=str(indices.dtype))
             return entry, [values, indices]
-        g = grad if isinstance(grad, jax.Array) else jnp.asarray(grad)
-        if g.dtype != var.dtype:
-            raise TypeError(f"gradient for {var.name!r} has dtype {g.dtype}, the variable {var.dtype}")
+        g = _gradient_array(grad, var)
         gshape = tuple(g.shape)
         if gshape != var.shape:
             try:

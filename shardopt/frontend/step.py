@@ -109,7 +109,9 @@ def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None
 
         raw, indices, k = [], [], 0
         for e in entries:
-            raw.append(grad_args[k])
+            # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm
+            # of 256, which would turn every gradient into NaN (global) or zero (per tensor).
+            raw.append(grad_args[k].astype(compute_dtype(e.dtype)))
             indices.append(None if e.sparse_rows is None else grad_args[k + 1])
             k += 1 if e.sparse_rows is None else 2
         clipped = clipping.clip_gradients(raw, opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
