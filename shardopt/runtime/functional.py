@@ -46,6 +46,8 @@ class FunctionalStep:
     optimizer_config: dict[str, Any] = field(default_factory=dict)
     pipeline: tuple[str, ...] = ()
     program: Any = None  # the StepProgram when compiled in this process (None when loaded from an artifact)
+    optimizer_class: str | None = None  # e.g. "Adam": with optimizer_config, enough to rebuild the optimizer
+    artifact: Any = None  # the runtime.artifact.Artifact (file, manifest, stage IR) when loaded from a file
 
     @property
     def convention(self) -> CallingConvention:
@@ -64,8 +66,12 @@ class FunctionalStep:
     def flatten_params(self, params: Any, what: str = "params") -> list[Any]:
         leaves, treedef = jax.tree_util.tree_flatten(params)
         if treedef != self.treedef:
-            raise StepInputError(f"{what} do not match the compiled step's structure: expected {self.treedef}, "
-                                 f"got {treedef}")
+            got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            missing = [n for n in self.names if n not in got]
+            extra = [n for n in got if n not in self.names]
+            detail = (f"missing {missing}, unexpected {extra}; " if missing or extra else "")
+            raise StepInputError(f"{what} do not match the compiled step's structure: {detail}expected "
+                                 f"{self.treedef}, got {treedef}")
         return leaves
 
     def place_params(self, params: Any) -> Any:
@@ -133,8 +139,30 @@ class FunctionalStep:
         """One step; `params` and `state` are donated (validated first, so a bad call loses nothing)."""
         return self.unflatten_results(self.executable(self.flat_args(params, grads, state)))
 
+    def save(self, path: Any, *, stages: bool = True) -> int:
+        """Writes this step to one `.shardopt` file (atomically); `shardopt.load(path)` restores it anywhere,
+        without the optimizer's definition. Returns the file size in bytes."""
+        from shardopt.runtime.artifact import save
+
+        return save(self, path, stages=stages)
+
+    def inspect(self, stage: str | None = None, diff: tuple[str, str] | None = None, html: Any = None,
+                file: Any = None) -> Any:
+        """Prints what `shardopt inspect` prints for this step (the report, one stage's IR, or a diff of two
+        stages; `html=path` also writes the HTML page) and returns the `inspect.Report`."""
+        from shardopt.runtime.inspect import inspect
+
+        return inspect(self, stage=stage, diff=diff, html=html, file=file)
+
     def variable_names(self) -> list[str]:
         return [a.name for a in self.convention.args if a.role == VARIABLE]
 
     def state_names(self) -> list[str]:
         return [a.name for a in self.convention.args if a.role in (SLOT, COUNTER)]
+
+    def as_jax_function(self) -> Any:
+        """The pure `(params, grads, state) -> (params, state)` step for use inside the user's own `jax.jit`,
+        `lax.fori_loop` or `scan` (a `shardopt.runtime.jax_embed.JaxStepFunction`; donation is the caller's)."""
+        from shardopt.runtime.jax_embed import as_jax_function
+
+        return as_jax_function(self)

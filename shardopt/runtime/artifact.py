@@ -1,0 +1,310 @@
+"""Saves a compiled step to one `.shardopt` file and loads it back, in any process, without the optimizer.
+
+`step.save(path)` writes (atomically, see `container.py` for the byte layout):
+
+* a JSON manifest: the versions that built it (shardopt, jax, jaxlib, StableHLO and the portable target), the
+  mesh's axis names and sizes, the platforms, every variable (name, shape, dtype, layout, slot layouts, bytes
+  per device), the optimizer's class and `get_config()`, the pass pipeline with each pass's statistics, the
+  calling convention, the params' pytree structure (as JSON, never pickled) and how slots start;
+* payload `exported`: `jax.export.Exported.serialize()` of the optimized step (it carries the portable VHLO
+  module, so a newer jax inside the StableHLO compatibility window still runs it);
+* payloads `stage/<i>:<name>`: the IR after each stage (zlib), so `inspect --stage` works on a loaded step.
+
+`shardopt.load(path)` verifies the file, checks the mesh, device count and platform, deserializes the export
+and rebuilds the `FunctionalStep`. Nothing is re-lowered: XLA compiles the stored module on the first call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform as _platform
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+from jax.sharding import AxisType, Mesh
+from jaxlib.mlir.dialects import stablehlo as hlo
+
+from shardopt.frontend.convention import SLOT, VARIABLE, CallingConvention, TensorSpec
+from shardopt.passes.pipeline import Stage
+from shardopt.runtime.container import ArtifactError, read_container, write_container
+from shardopt.runtime.executable import CompiledStep, portable_target
+from shardopt.runtime.functional import FunctionalStep
+
+KIND = "optimizer-step"
+EXPORTED = "exported"
+STAGE_PREFIX = "stage/"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Where a loaded step came from: the file, its verified manifest and the stages' IR."""
+
+    path: str
+    manifest: dict[str, Any]
+    stages: tuple[Stage, ...]
+    size: int
+
+
+def versions() -> dict[str, str]:
+    """The versions that matter for reading an artifact back, as written into (and compared with) manifests."""
+    import shardopt
+
+    return {
+        "shardopt": shardopt.__version__,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.version.__version__,
+        "stablehlo": str(hlo.get_current_version()),
+        "stablehlo_target": str(portable_target()),
+        "python": _platform.python_version(),
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy scalars/arrays, tuples and other odd leaves turned into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)) or isinstance(value, jax.Array):
+        return jsonable(np.asarray(value).tolist())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# ----- the params' pytree structure, as JSON -----------------------------------------------------------------
+def tree_to_json(treedef: Any) -> Any:
+    """Encodes a pytree structure of dicts (string keys), lists, tuples and None: a leaf is its index."""
+    skeleton = jax.tree_util.tree_unflatten(treedef, list(range(treedef.num_leaves)))
+
+    def enc(node: Any) -> Any:
+        if type(node) is int:
+            return node
+        if node is None:
+            return {"none": True}
+        if type(node) is dict:
+            bad = [k for k in node if not isinstance(k, str)]
+            if bad:
+                raise ArtifactError(f"cannot store the params structure: dict keys must be strings, got {bad!r}")
+            return {"dict": {k: enc(v) for k, v in node.items()}}
+        if type(node) in (list, tuple):
+            return {type(node).__name__: [enc(v) for v in node]}
+        raise ArtifactError(f"cannot store the params structure: a {type(node).__name__} node; artifacts keep "
+                            "dicts with string keys, lists, tuples and None")
+
+    doc = enc(skeleton)
+    if tree_from_json(doc, treedef.num_leaves) != treedef:
+        raise ArtifactError(f"cannot store the params structure {treedef} as JSON")
+    return doc
+
+
+def tree_from_json(doc: Any, num_leaves: int) -> Any:
+    """The pytree structure `tree_to_json` wrote; its leaves must be 0..num_leaves-1 in flattening order."""
+    def dec(node: Any) -> Any:
+        if type(node) is int:
+            return node
+        if isinstance(node, dict) and len(node) == 1:
+            (kind, body), = node.items()
+            if kind == "none":
+                return None
+            if kind == "dict" and isinstance(body, dict):
+                return {k: dec(v) for k, v in body.items()}
+            if kind in ("list", "tuple") and isinstance(body, list):
+                items = [dec(v) for v in body]
+                return items if kind == "list" else tuple(items)
+        raise ArtifactError(f"malformed params structure in the manifest at {node!r}")
+
+    leaves, treedef = jax.tree_util.tree_flatten(dec(doc))
+    if leaves != list(range(num_leaves)):
+        raise ArtifactError(f"malformed params structure in the manifest: leaves {leaves}, expected "
+                            f"0..{num_leaves - 1}")
+    return treedef
+
+
+# ----- what the manifest says about variables -----------------------------------------------------------------
+def bytes_per_device(spec: TensorSpec, mesh_axes: dict[str, int]) -> int:
+    """Bytes of one device's shard of `spec` under its layout (dims that do not divide round up)."""
+    layout = list(spec.layout or ()) + [None] * (len(spec.shape) - len(spec.layout or ()))
+    elems = 1
+    for size, entry in zip(spec.shape, layout, strict=True):
+        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        elems *= math.ceil(size / math.prod(mesh_axes[a] for a in axes))
+    return elems * np.dtype(spec.dtype).itemsize
+
+
+def slot_prefix(slot: TensorSpec) -> str:
+    """The slot's name ('m', 'v', 'average', ...) from its argument name '<slot>/<variable>'."""
+    return slot.name[: -len(slot.owner) - 1] if slot.owner and slot.name.endswith("/" + slot.owner) else slot.name
+
+
+def variables_table(convention: CallingConvention) -> list[dict[str, Any]]:
+    """Per variable: name, shape, dtype, layout, slot layouts and bytes per device (variable, slots)."""
+    axes = dict(convention.mesh_axes)
+    rows = []
+    for var in (a for a in convention.args if a.role == VARIABLE):
+        slots = [a for a in convention.args if a.role == SLOT and a.owner == var.name]
+        rows.append({
+            "name": var.name, "shape": list(var.shape), "dtype": var.dtype,
+            "layout": TensorSpec.to_json(var)["layout"],
+            "slots": {slot_prefix(s): TensorSpec.to_json(s)["layout"] for s in slots},
+            "bytes_per_device": bytes_per_device(var, axes),
+            "slot_bytes_per_device": sum(bytes_per_device(s, axes) for s in slots),
+        })
+    return rows
+
+
+def step_stages(step: FunctionalStep) -> list[Stage]:
+    """The pipeline's stages: from the compiler when compiled here, from the file when loaded."""
+    if step.program is not None:
+        return list(step.program.pipeline.stages)
+    if step.artifact is not None:
+        return list(step.artifact.stages)
+    return []
+
+
+def build_manifest(step: FunctionalStep) -> dict[str, Any]:
+    conv = step.convention
+    return {
+        "kind": KIND,
+        "versions": versions(),
+        "platforms": list(step.executable.exported.platforms),
+        "mesh": {"axes": [[n, s] for n, s in conv.mesh_axes], "device_count": math.prod(s for _, s in conv.mesh_axes)},
+        "optimizer": {"class_name": step.optimizer_class, "config": jsonable(step.optimizer_config)},
+        "pipeline": list(step.pipeline),
+        "variables": variables_table(conv),
+        "names": list(step.names),
+        "tree": tree_to_json(step.treedef),
+        "slots": list(step.slot_names),
+        "slot_init": dict(step.slot_init),
+        "initial_learning_rate": step.initial_learning_rate,
+        "convention": conv.to_json(),
+    }
+
+
+def save(step: FunctionalStep, path: str | os.PathLike[str], *, stages: bool = True) -> int:
+    """Writes `step` to `path` atomically (temp file + rename); returns the file size in bytes.
+
+    `stages=False` leaves out the per-stage IR (smaller file; `inspect --stage` then has only the compiled HLO).
+    """
+    manifest = build_manifest(step)
+    payloads: dict[str, tuple[bytes, str]] = {EXPORTED: (bytes(step.executable.exported.serialize()), "raw")}
+    manifest["stages"] = []
+    for i, st in enumerate(step_stages(step)):
+        entry: dict[str, Any] = {"name": st.name, "stats": jsonable(st.stats), "seconds": float(st.seconds)}
+        if stages and st.text:
+            entry["payload"] = f"{STAGE_PREFIX}{i}:{st.name}"
+            payloads[entry["payload"]] = (st.text.encode("utf-8"), "zlib")
+        manifest["stages"].append(entry)
+    return write_container(path, manifest, payloads)
+
+
+# ----- loading ------------------------------------------------------------------------------------------------
+def _fmt_axes(axes: Any) -> str:
+    return ",".join(f"{n}={s}" for n, s in axes)
+
+
+def _platform_devices(platforms: list[str], where: str) -> list[Any]:
+    """This process's devices of the first platform the artifact was compiled for (CPU artifacts also load on a
+    GPU machine, on its CPU devices)."""
+    default = jax.default_backend()
+    for p in sorted(platforms, key=lambda p: p != default):
+        try:
+            return list(jax.devices(p))
+        except RuntimeError:
+            continue
+    raise ArtifactError(f"{where}: wrong platform: the artifact was compiled for {platforms}, this process has "
+                        f"none of them (default backend: {default})")
+
+
+def resolve_mesh(manifest: dict[str, Any], mesh: Mesh | None, where: str) -> Mesh:
+    """The given mesh if it has the manifest's axes, or one built from all of this process's devices."""
+    want = [(str(n), int(s)) for n, s in manifest["mesh"]["axes"]]
+    need = math.prod(s for _, s in want)
+    platforms = [str(p).lower() for p in manifest["platforms"]]
+    if mesh is None:
+        devices = _platform_devices(platforms, where)
+        if len(devices) != need:
+            raise ArtifactError(
+                f"{where}: wrong device count: the artifact was compiled for mesh {_fmt_axes(want)} ({need} devices), "
+                f"this process has {len(devices)} {devices[0].platform} device(s); pass mesh= or, on CPU, set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before jax starts")
+        mesh = jax.make_mesh([s for _, s in want], [n for n, _ in want], axis_types=(AxisType.Auto,) * len(want),
+                             devices=devices)
+    have = [(str(n), int(s)) for n, s in zip(mesh.axis_names, mesh.devices.shape, strict=True)]
+    if have != want:
+        raise ArtifactError(f"{where}: wrong mesh: the artifact was compiled for mesh {_fmt_axes(want)}, got "
+                            f"{_fmt_axes(have)}")
+    plat = mesh.devices.flat[0].platform.lower()
+    if plat not in platforms:
+        raise ArtifactError(f"{where}: wrong platform: the artifact was compiled for {platforms}, the mesh's devices "
+                            f"are {plat}")
+    return mesh
+
+
+def _check_consistent(manifest: dict[str, Any], conv: CallingConvention, exported: Any, where: str) -> None:
+    """The manifest, the calling convention and the export must describe the same step."""
+    problems = []
+    if [list(a) for a in conv.mesh_axes] != [[n, s] for n, s in manifest["mesh"]["axes"]]:
+        problems.append(f"convention mesh {conv.mesh_axes} vs manifest mesh {manifest['mesh']['axes']}")
+    if exported.nr_devices != manifest["mesh"]["device_count"]:
+        problems.append(f"export for {exported.nr_devices} devices vs mesh of {manifest['mesh']['device_count']}")
+    if len(exported.in_avals) != len(conv.args):
+        problems.append(f"export takes {len(exported.in_avals)} arguments, the convention {len(conv.args)}")
+    for aval, spec in zip(exported.in_avals, conv.args, strict=False):
+        if tuple(aval.shape) != spec.shape or np.dtype(aval.dtype) != np.dtype(spec.dtype):
+            problems.append(f"{spec.name}: export {aval.str_short()} vs convention {spec.dtype}{list(spec.shape)}")
+    var_names = [a.name for a in conv.args if a.role == VARIABLE]
+    if list(manifest["names"]) != var_names:
+        problems.append(f"variables {manifest['names']} vs convention {var_names}")
+    if [v["name"] for v in manifest["variables"]] != var_names:
+        problems.append("the variable table does not list the convention's variables")
+    if problems:
+        raise ArtifactError(f"{where}: inconsistent artifact: " + "; ".join(problems))
+
+
+def load(path: str | os.PathLike[str], mesh: Mesh | None = None) -> FunctionalStep:
+    """Restores a step saved with `step.save(path)`; it runs on `mesh` (default: all devices, the saved shape).
+
+    Raises ArtifactError when the file is not a valid artifact or does not fit this process (mesh, device
+    count, platform); nothing from the file is unpickled or executed as Python.
+    """
+    where = os.fspath(path)
+    manifest, payloads = read_container(path)
+    try:
+        if manifest.get("kind") != KIND:
+            raise ArtifactError(f"{where}: not an optimizer-step artifact (kind {manifest.get('kind')!r})")
+        mesh = resolve_mesh(manifest, mesh, where)
+        conv = CallingConvention.from_json(manifest["convention"])
+        if EXPORTED not in payloads:
+            raise ArtifactError(f"{where}: the {EXPORTED!r} payload is missing")
+        try:
+            exported = jax.export.deserialize(bytearray(payloads[EXPORTED]))
+        except Exception as e:  # jax raises struct/flatbuffer/version errors of many types
+            raise ArtifactError(f"{where}: payload {EXPORTED!r} is not a jax.export serialization this jax "
+                                f"{jax.__version__} can read: {type(e).__name__}: {e}") from None
+        _check_consistent(manifest, conv, exported, where)
+        names = tuple(manifest["names"])
+        treedef = tree_from_json(manifest["tree"], len(names))
+        stages = tuple(Stage(s["name"], payloads[s["payload"]].decode("utf-8") if "payload" in s else "",
+                             dict(s.get("stats", {})), float(s.get("seconds", 0.0)))
+                       for s in manifest.get("stages", []))
+        size = os.path.getsize(path)
+        return FunctionalStep(
+            executable=CompiledStep(exported, conv, mesh), treedef=treedef, names=names,
+            slot_names=tuple(manifest["slots"]), slot_init=dict(manifest["slot_init"]),
+            initial_learning_rate=manifest["initial_learning_rate"],
+            optimizer_config=dict(manifest["optimizer"]["config"]), pipeline=tuple(manifest["pipeline"]),
+            optimizer_class=manifest["optimizer"].get("class_name"),
+            artifact=Artifact(where, manifest, stages, size))
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where}: malformed manifest: {type(e).__name__}: {e}") from None
+
+
+__all__ = ["Artifact", "ArtifactError", "build_manifest", "bytes_per_device", "load", "save", "step_stages",
+           "tree_from_json", "tree_to_json", "variables_table", "versions"]

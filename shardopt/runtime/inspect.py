@@ -1,0 +1,297 @@
+"""What a compiled step is made of: `shardopt inspect` and `step.inspect()`.
+
+The report has the pass pipeline with each pass's statistics, a per-variable table (shape, dtype, layout, slot
+layouts, bytes per device), XLA's memory and cost analyses of the compiled executable, and the collectives in the
+partitioned HLO. Any stage's IR can be printed, or two stages diffed. Stage names:
+
+* ``frontend``: the StableHLO the frontend lowered (jax's trace, annotated with names, roles and shardings);
+* ``<pass name>``: the StableHLO after that pass of the pipeline (``inline-calls``, ``propagate-layouts``, ...);
+* ``optimized-hlo``: the pipeline's final module as XLA receives it (HLO text, global shapes, shardings as
+  annotations) — before XLA's own optimizations and SPMD partitioning;
+* ``partitioned-hlo``: XLA's compiled module: optimized, SPMD-partitioned into one device's program (per-device
+  shapes, collectives, fusions). The memory/cost analyses and the collective count come from this one.
+
+The first two come from the compiler (or from the artifact's saved IR); the HLO stages and the analyses compile
+the step on the current mesh (the same compilation the first call does).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from typing import IO, Any
+
+from shardopt import ir as sir
+from shardopt.passes.pipeline import Stage
+from shardopt.runtime.artifact import step_stages, variables_table, versions
+from shardopt.runtime.functional import FunctionalStep
+
+FRONTEND = "frontend"
+OPTIMIZED_HLO = "optimized-hlo"
+PARTITIONED_HLO = "partitioned-hlo"
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_COLLECTIVE_RE = re.compile(r"=\s*(.+?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+COST_FIELDS = ("flops", "transcendentals", "bytes accessed")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective instruction of the partitioned HLO."""
+
+    kind: str
+    result: str
+    line: str
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def fmt_layout(layout: Any) -> str:
+    """A layout from the convention's JSON: None -> 'open', [None, 'model'] -> '[-, model]'."""
+    if layout is None:
+        return "open"
+    if not any(layout):
+        return "replicated"
+    return "[" + ", ".join("-" if a is None else a if isinstance(a, str) else "(" + ",".join(a) + ")"
+                           for a in layout) + "]"
+
+
+def fmt_slot_layouts(slots: dict[str, Any]) -> str:
+    """Slots grouped by layout: 'm,v,average=[-, model]'."""
+    groups: dict[str, list[str]] = {}
+    for name, lay in slots.items():
+        groups.setdefault(fmt_layout(lay), []).append(name)
+    return "; ".join(f"{','.join(names)}={lay}" for lay, names in groups.items()) or "-"
+
+
+def fmt_value(value: Any) -> str:
+    """A config value, short: floats to 7 significant digits, a serialized schedule as Name(k=v, ...)."""
+    if isinstance(value, float):
+        text = f"{value:.7g}"
+        return text if any(c in text for c in ".einf") else text + ".0"
+    if isinstance(value, dict) and "class_name" in value and isinstance(value.get("config"), dict):
+        args = ", ".join(f"{k}={fmt_value(v)}" for k, v in value["config"].items() if k != "name" and v is not None)
+        return f"{value['class_name']}({args})"
+    return str(value)
+
+
+def fmt_stats(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items())
+
+
+def text_table(headers: list[str], rows: list[list[str]], right: tuple[int, ...] = ()) -> str:
+    """Rows aligned in columns (`right` = indices of right-aligned columns)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def op_count(module_text: str) -> int | None:
+    """Operations in a StableHLO module's text (None when it does not parse here)."""
+    if not module_text:
+        return None
+    try:
+        ctx = sir.make_ir_context()
+        return sum(sir.op_counts(sir.parse(module_text, ctx)).values())
+    except Exception:  # an IR this jaxlib cannot parse is still worth showing as text
+        return None
+
+
+class Report:
+    """Everything `inspect` shows about one step; the analyses compile the step on first use."""
+
+    def __init__(self, step: FunctionalStep):
+        self.step = step
+        self.stages: dict[str, Stage] = {}
+        for st in step_stages(step):
+            key, n = st.name, 2
+            while key in self.stages:
+                key, n = f"{st.name}#{n}", n + 1
+            self.stages[key] = st
+
+    # ----- stages ---------------------------------------------------------------------------------------------
+    @cached_property
+    def lowered(self) -> Any:
+        return self.step.executable.lower()
+
+    @cached_property
+    def compiled(self) -> Any:
+        return self.lowered.compile()
+
+    def stage_names(self) -> list[str]:
+        return [*self.stages, OPTIMIZED_HLO, PARTITIONED_HLO]
+
+    def stage_text(self, name: str) -> str:
+        """The IR of stage `name` (see the module docstring for what each name means)."""
+        if name == OPTIMIZED_HLO:
+            return self.lowered.as_text(dialect="hlo")
+        if name == PARTITIONED_HLO:
+            return self.compiled.as_text()
+        if name not in self.stages:
+            raise ValueError(f"no stage {name!r}; stages: {', '.join(self.stage_names())}")
+        text = self.stages[name].text
+        if not text:
+            raise ValueError(f"stage {name!r}'s IR was not saved in the artifact (saved with stages=False)")
+        return text
+
+    def diff(self, a: str, b: str, context: int = 3) -> str:
+        """A unified diff from stage `a`'s IR to stage `b`'s."""
+        lines = list(difflib.unified_diff(self.stage_text(a).splitlines(), self.stage_text(b).splitlines(),
+                                          fromfile=a, tofile=b, lineterm="", n=context))
+        return "\n".join(lines) if lines else f"(stages {a} and {b} are identical)"
+
+    # ----- tables ---------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, str]:
+        step, conv = self.step, self.step.convention
+        devs = self.step.mesh.devices
+        n_params = sum(math.prod(a["shape"]) for a in self.variables())
+        cfg = {k: v for k, v in step.optimizer_config.items() if v is not None and k not in ("name",)}
+        built = step.artifact.manifest["versions"] if step.artifact is not None else versions()
+        now = versions()
+        out = {
+            "optimizer": f"{step.optimizer_class or step.optimizer_config.get('name', '?')}  "
+                         + " ".join(f"{k}={fmt_value(v)}" for k, v in cfg.items()),
+            "variables": f"{len(step.names)} ({n_params:,} parameters); slots: {', '.join(step.slot_names) or '-'}",
+            "mesh": ", ".join(f"{n}={s}" for n, s in conv.mesh_axes)
+                    + f"  ({devs.size} {devs.flat[0].platform} devices)",
+            "pipeline": " -> ".join(step.pipeline) or "(none)",
+            "built with": " · ".join(f"{k} {built.get(k, '?')}" for k in ("shardopt", "jax", "jaxlib", "stablehlo"))
+                          + f" (portable target {built.get('stablehlo_target', '?')})",
+        }
+        if any(built.get(k) != now.get(k) for k in ("shardopt", "jax", "jaxlib")):
+            out["running with"] = " · ".join(f"{k} {now[k]}" for k in ("shardopt", "jax", "jaxlib", "stablehlo"))
+        if step.artifact is not None:
+            out["artifact"] = f"{step.artifact.path}  ({step.artifact.size:,} bytes)"
+        return out
+
+    def pipeline_rows(self) -> list[dict[str, Any]]:
+        """Per stage: name, op count, pass time (s) and the pass's statistics."""
+        return [{"name": key, "ops": op_count(st.text), "seconds": st.seconds, "stats": dict(st.stats)}
+                for key, st in self.stages.items()]
+
+    def variables(self) -> list[dict[str, Any]]:
+        return variables_table(self.step.convention)
+
+    def memory(self) -> dict[str, int]:
+        """XLA's memory analysis of the compiled step (bytes, per device)."""
+        stats = self.compiled.memory_analysis()
+        if stats is None:
+            return {}
+        return {f: int(getattr(stats, f"{f}_size_in_bytes", 0) or 0) for f in MEMORY_FIELDS}
+
+    def cost(self) -> dict[str, float]:
+        """XLA's cost analysis of the compiled step (per device)."""
+        cost = self.compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        return {f: float(cost[f]) for f in COST_FIELDS if cost and f in cost}
+
+    def collectives(self) -> list[Collective]:
+        out = []
+        for line in self.stage_text(PARTITIONED_HLO).splitlines():
+            m = _COLLECTIVE_RE.search(line)
+            if m:
+                out.append(Collective(m.group(2), m.group(1), line.strip()))
+        return out
+
+    def collective_counts(self) -> dict[str, int]:
+        found = self.collectives()
+        return {k: sum(c.kind == k for c in found) for k in COLLECTIVES}
+
+    # ----- output ---------------------------------------------------------------------------------------------
+    def to_text(self) -> str:
+        parts = ["shardopt step"]
+        summ = self.summary()
+        width = max(len(k) for k in summ)
+        parts += [f"  {k.ljust(width)}  {v}" for k, v in summ.items()]
+
+        rows = [[r["name"], "-" if r["ops"] is None else str(r["ops"]),
+                 "-" if r["name"] == FRONTEND else f"{r['seconds'] * 1e3:.2f} ms", fmt_stats(r["stats"])]
+                for r in self.pipeline_rows()]
+        parts += ["", "Pass pipeline", _indent(text_table(["stage", "ops", "time", "statistics"], rows, (1, 2)))]
+
+        var_rows, tot_v, tot_s = [], 0, 0
+        for v in self.variables():
+            tot_v += v["bytes_per_device"]
+            tot_s += v["slot_bytes_per_device"]
+            var_rows.append([v["name"], "x".join(map(str, v["shape"])) or "scalar", v["dtype"], fmt_layout(v["layout"]),
+                             fmt_slot_layouts(v["slots"]), fmt_bytes(v["bytes_per_device"]),
+                             fmt_bytes(v["slot_bytes_per_device"])])
+        var_rows.append(["total", "", "", "", "", fmt_bytes(tot_v), fmt_bytes(tot_s)])
+        parts += ["", "Variables (bytes per device)", _indent(text_table(
+            ["name", "shape", "dtype", "layout", "slot layouts", "variable", "slots"], var_rows, (5, 6)))]
+
+        mem = self.memory()
+        parts += ["", "Memory analysis (compiled, per device)"]
+        parts += [f"  {k.ljust(14)} {fmt_bytes(v).rjust(10)}  ({v:,} bytes)" for k, v in mem.items()] or ["  n/a"]
+        parts += ["", "Cost analysis (compiled, per device)"]
+        parts += [f"  {k.ljust(16)} {v:,.0f}" for k, v in self.cost().items()] or ["  n/a"]
+
+        found = self.collectives()
+        counts = self.collective_counts()
+        parts += ["", f"Collectives in the partitioned HLO: {len(found)}"]
+        parts += ["  " + ", ".join(f"{k} {n}" for k, n in counts.items())]
+        parts += [f"    {_clip(c.line, 160)}" for c in found[:20]]
+        if len(found) > 20:
+            parts.append(f"    ... and {len(found) - 20} more (see --stage {PARTITIONED_HLO})")
+
+        parts += ["", "Stages: " + ", ".join(self.stage_names()),
+                  "  (--stage NAME prints one stage's IR, --diff A B compares two, --html FILE writes a page)"]
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_html(self) -> str:
+        from shardopt.runtime.report_html import render
+
+        return render(self)
+
+    def write_html(self, path: str | os.PathLike[str]) -> None:
+        from shardopt.runtime.container import atomic_write
+
+        atomic_write(path, [self.to_html().encode("utf-8")])
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
+
+
+def _clip(line: str, n: int) -> str:
+    return line if len(line) <= n else line[: n - 3] + "..."
+
+
+def inspect(step: FunctionalStep, stage: str | None = None, diff: tuple[str, str] | None = None,
+            html: str | os.PathLike[str] | None = None, file: IO[str] | None = None) -> Report:
+    """Prints the report (or `stage`'s IR, or the diff of two stages) and writes `html` if given."""
+    out = file or sys.stdout
+    report = Report(step)
+    if stage is not None:
+        print(report.stage_text(stage), file=out)
+    if diff is not None:
+        print(report.diff(*diff), file=out)
+    if html is not None:
+        report.write_html(html)
+        print(f"wrote {os.fspath(html)}", file=out)
+    if stage is None and diff is None and html is None:
+        print(report.to_text(), file=out)
+    return report
+
+
+__all__ = ["COLLECTIVES", "FRONTEND", "OPTIMIZED_HLO", "PARTITIONED_HLO", "Report", "inspect"]

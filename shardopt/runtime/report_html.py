@@ -1,0 +1,138 @@
+"""`shardopt inspect --html`: the inspect report as one self-contained HTML page (inline CSS, no scripts, no
+external resources), for people who would rather look than read.
+
+Sections (each a `<section id=...>`, tables with ids for tests and scrapers): `summary`, `pipeline`,
+`variables`, `memory`, `cost`, `collectives`, `stages` (every stage's IR in a collapsible block with id
+`stage-<name>`) and `diffs` (what each pass changed, coloured).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shardopt.runtime.inspect import Report
+
+_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .5em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.total td { font-weight: bold; background: #fafafa; }
+pre { background: #f8f8f8; border: 1px solid #e4e4e4; padding: .6em; overflow: auto; max-height: 40em;
+      font: 12px/1.35 ui-monospace, monospace; }
+details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
+.add { background: #e6ffec; display: block; } .del { background: #ffebe9; display: block; }
+.hunk { color: #6f42c1; display: block; } .muted { color: #777; }
+.bar { background: #4a90d9; height: .8em; display: inline-block; }
+"""
+
+
+def _table(table_id: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], num: Sequence[int] = (),
+           total: bool = False) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="total"' if total and i == len(rows) - 1 else ""
+        cells = "".join(f'<td class="num">{escape(str(c))}</td>' if j in num else f"<td>{escape(str(c))}</td>"
+                        for j, c in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _diff_html(a_name: str, a: str, b_name: str, b: str) -> str:
+    lines = list(difflib.unified_diff(a.splitlines(), b.splitlines(), fromfile=a_name, tofile=b_name,
+                                      lineterm="", n=2))
+    if not lines:
+        return '<p class="muted">no change</p>'
+    out = []
+    for line in lines:
+        cls = ("add" if line.startswith("+") else "del" if line.startswith("-")
+               else "hunk" if line.startswith("@@") else "")
+        out.append(f'<span class="{cls}">{escape(line)}</span>' if cls else escape(line) + "\n")
+    return "<pre>" + "".join(out) + "</pre>"
+
+
+def render(report: Report) -> str:
+    """The whole page as a string."""
+    from shardopt.runtime.inspect import COLLECTIVES, PARTITIONED_HLO, fmt_bytes, fmt_layout, fmt_slot_layouts
+
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>shardopt inspect</title>", f"<style>{_CSS}</style></head><body>",
+             "<h1>shardopt step report</h1>"]
+
+    summ = report.summary()
+    parts.append('<section id="summary"><h2>Summary</h2>'
+                 + _table("summary-table", ["", ""], [[k, v] for k, v in summ.items()]) + "</section>")
+
+    rows = report.pipeline_rows()
+    slowest = max((r["seconds"] for r in rows), default=0.0) or 1.0
+    prow = []
+    for r in rows:
+        stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items())
+        prow.append([r["name"], "-" if r["ops"] is None else r["ops"], f"{r['seconds'] * 1e3:.2f} ms", stats])
+    bars = "".join(f'<div>{escape(r["name"])} <span class="bar" style="width:{200 * r["seconds"] / slowest:.0f}px">'
+                   "</span></div>" for r in rows[1:])
+    parts.append('<section id="pipeline"><h2>Pass pipeline</h2>'
+                 + _table("pipeline-table", ["stage", "ops", "time", "statistics"], prow, num=(1, 2))
+                 + bars + "</section>")
+
+    vrows, tv, ts = [], 0, 0
+    for v in report.variables():
+        tv += v["bytes_per_device"]
+        ts += v["slot_bytes_per_device"]
+        vrows.append([v["name"], "x".join(map(str, v["shape"])) or "scalar", v["dtype"], fmt_layout(v["layout"]),
+                      fmt_slot_layouts(v["slots"]), fmt_bytes(v["bytes_per_device"]),
+                      fmt_bytes(v["slot_bytes_per_device"])])
+    vrows.append(["total", "", "", "", "", fmt_bytes(tv), fmt_bytes(ts)])
+    parts.append('<section id="variables"><h2>Variables (bytes per device)</h2>'
+                 + _table("variables-table", ["name", "shape", "dtype", "layout", "slot layouts", "variable",
+                                              "slots"], vrows, num=(5, 6), total=True) + "</section>")
+
+    mem = report.memory()
+    parts.append('<section id="memory"><h2>Memory analysis (compiled, per device)</h2>'
+                 + _table("memory-table", ["kind", "size", "bytes"],
+                          [[k, fmt_bytes(v), f"{v:,}"] for k, v in mem.items()], num=(1, 2)) + "</section>")
+    parts.append('<section id="cost"><h2>Cost analysis (compiled, per device)</h2>'
+                 + _table("cost-table", ["metric", "value"], [[k, f"{v:,.0f}"] for k, v in report.cost().items()],
+                          num=(1,)) + "</section>")
+
+    found = report.collectives()
+    counts = report.collective_counts()
+    parts.append('<section id="collectives"><h2>Collectives in the partitioned HLO</h2>'
+                 + _table("collectives-table", ["collective", "count"], [[k, counts[k]] for k in COLLECTIVES],
+                          num=(1,))
+                 + ("<pre>" + "\n".join(escape(c.line) for c in found) + "</pre>" if found
+                    else '<p class="muted">none: every device works on its own shards</p>') + "</section>")
+
+    parts.append('<section id="stages"><h2>Stages</h2>')
+    texts: dict[str, str] = {}
+    for name in report.stage_names():
+        try:
+            texts[name] = report.stage_text(name)
+        except ValueError as e:
+            texts[name] = ""
+            parts.append(f'<p class="muted" id="stage-{escape(name)}">{escape(str(e))}</p>')
+            continue
+        open_attr = " open" if name == PARTITIONED_HLO and len(texts[name]) < 20000 else ""
+        n_lines = texts[name].count("\n") + 1
+        parts.append(f'<details id="stage-{escape(name)}"{open_attr}><summary>{escape(name)} '
+                     f'<span class="muted">({n_lines} lines)</span></summary><pre>{escape(texts[name])}</pre>'
+                     "</details>")
+    parts.append("</section>")
+
+    parts.append('<section id="diffs"><h2>What each pass changed</h2>')
+    names = list(report.stages)
+    for a, b in zip(names, names[1:], strict=False):
+        if texts.get(a) and texts.get(b):
+            parts.append(f'<details id="diff-{escape(b)}"><summary>{escape(a)} &rarr; {escape(b)}</summary>'
+                         f"{_diff_html(a, texts[a], b, texts[b])}</details>")
+    parts.append("</section></body></html>")
+    return "\n".join(parts)
+
+
+__all__ = ["render"]
