@@ -228,3 +228,16 @@ def test_a_deleted_donated_input_is_refused_before_running(built):
         program.executable(wrong)
     assert not wrong[0].is_deleted()
     assert_unchanged(before, opt, kernel, bias)
+
+
+def test_variable_value_passed_as_its_own_gradient_is_refused_not_a_crash():
+    """XLA segfaults when one buffer is both donated and read in the same call; the step refuses it first."""
+    var = shardopt.Variable(np.ones((4,), np.float32), name="same")
+    opt = shardopt.Adam(0.1)
+    opt.apply_gradients([(np.ones(4, np.float32), var)])
+    before = np.asarray(var.value).copy()
+    with pytest.raises(shardopt.StepInputError, match="same array"):
+        opt.apply_gradients([(var.value, var)])
+    np.testing.assert_array_equal(np.asarray(var.value), before)
+    opt.apply_gradients([(var.value + 0, var)])
+    assert int(opt.iterations.value) == 2

@@ -97,6 +97,8 @@ class Optimizer:
         self._model_variables: list[Variable] = []
         self._slots: list[dict[str, Variable]] = []
         self._programs: dict[Any, StepProgram] = {}
+        self._fast_programs: dict[Any, StepProgram] = {}  # keyed by variable indices for the common dense case
+        self._schedule_cache: tuple[Any, str] = (None, "")
 
     # ----- hyperparameters -------------------------------------------------------------------------------
     def _build_learning_rate(self, learning_rate: Any) -> Any:
@@ -294,11 +296,26 @@ class Optimizer:
                           grad_shape=None if gshape == var.shape else gshape)
         return entry, [g]
 
-    def _program(self, entries: tuple[StepEntry, ...]) -> StepProgram:
+    def _dense_entry(self, var: Variable) -> StepEntry:
+        """The step entry of `var` receiving a dense gradient of its own shape."""
+        spec = tuple(var.layout.to_partition_spec())
+        return StepEntry(var.name, var.shape, str(var.dtype), spec + (None,) * (len(var.shape) - len(spec)),
+                         self._entry_slots())
+
+    def _schedule_key(self) -> Any:
+        """What of the learning rate the compiled step depends on: the schedule's config (cached per object)."""
         schedule = self._schedule()
-        key = (entries, None if schedule is None else repr(schedules.serialize(schedule)), self.pipeline)
+        if schedule is None:
+            return (None, self.pipeline)
+        if self._schedule_cache[0] is not schedule:
+            self._schedule_cache = (schedule, repr(schedules.serialize(schedule)))
+        return (self._schedule_cache[1], self.pipeline)
+
+    def _program(self, entries: tuple[StepEntry, ...]) -> StepProgram:
+        key = (entries, self._schedule_key())
         program = self._programs.get(key)
         if program is None:
+            schedule = self._schedule()
             mesh_axes = tuple(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
             convention = build_convention(list(entries), mesh_axes, has_lr_input=schedule is None)
             fn = make_step_fn(self, list(entries), schedule)
@@ -325,17 +342,29 @@ class Optimizer:
         dropped = [v.name for g, v in pairs if g is None]
         if dropped:
             log.warning("Gradients do not exist for variables %s when minimizing the loss.", dropped)
-        entries, grad_arrays = [], []
+        signature, grad_arrays, indices = [], [], []
         for g, v in present:
-            entry, arrays = self._gradient_entry(g, v)
-            entries.append(entry)
-            grad_arrays.extend(arrays)
-        if self.global_clipnorm and not self.clipnorm and len({e.dtype for e in entries}) > 1:
-            raise TypeError("global_clipnorm needs every gradient to have the same dtype (tf.clip_by_global_norm "
-                            f"stacks the norms); got {sorted({e.dtype for e in entries})}")
-        program = self._program(tuple(entries))
+            index = self._index[id(v)]
+            indices.append(index)
+            if isinstance(g, jax.Array) and g.dtype == v.dtype and g.shape == v.value.shape:
+                signature.append(index)  # the common case: a dense gradient of the variable's shape and dtype
+                grad_arrays.append(g)
+            else:
+                entry, arrays = self._gradient_entry(g, v)
+                signature.append(entry)
+                grad_arrays.extend(arrays)
+        key = (tuple(signature), self._schedule_key())
+        program = self._fast_programs.get(key)
+        if program is None:
+            entries = [self._dense_entry(self._model_variables[i]) if isinstance(sig, int) else sig
+                       for i, sig in zip(indices, signature, strict=True)]
+            if self.global_clipnorm and not self.clipnorm and len({e.dtype for e in entries}) > 1:
+                raise TypeError("global_clipnorm needs every gradient to have the same dtype (tf.clip_by_global_norm "
+                                f"stacks the norms); got {sorted({e.dtype for e in entries})}")
+            program = self._fast_programs[key] = self._program(tuple(entries))
         variables = [v for _, v in present]
-        slot_vars = [self._slots[self._index[id(v)]][s] for v in variables for s in self._entry_slots()]
+        slot_names = self._entry_slots()
+        slot_vars = [self._slots[i][s] for i in indices for s in slot_names]
         args = [v.value for v in variables] + grad_arrays + [s.value for s in slot_vars] + [self.iterations.value]
         if schedule is None:
             args.append(self._lr_input())

@@ -51,7 +51,9 @@ class CompiledStep:
         self.exported = exported
         self.in_shardings = [named_sharding(self.mesh, a) for a in convention.args]
         self.out_shardings = [named_sharding(self.mesh, r) for r in convention.results]
-        self._donated = set(convention.donated_argnums())
+        self._donated_list = convention.donated_argnums()
+        self._kept_list = tuple(i for i in range(len(convention.args)) if i not in set(self._donated_list))
+        self._dtypes = [np.dtype(a.dtype) for a in convention.args]
         self._fn = jax.jit(exported.call, donate_argnums=convention.donated_argnums())
 
     @classmethod
@@ -66,29 +68,37 @@ class CompiledStep:
         return cls(exported, convention, mesh)
 
     def validate(self, args: Sequence[Any]) -> list[jax.Array]:
-        """Checks every input against the convention; moves non-donated inputs to their sharding."""
+        """Checks every input against the convention; moves non-donated inputs to their sharding.
+
+        Runs on every step, so the common case (the right array already in place) costs a few attribute reads.
+        """
         specs = self.convention.args
         if len(args) != len(specs):
             raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
-        out = []
-        for a, spec, want in zip(args, specs, self.in_shardings, strict=True):
-            if tuple(a.shape) != spec.shape:
+        out = list(args)
+        for i, (a, spec, want, dtype) in enumerate(zip(args, specs, self.in_shardings, self._dtypes, strict=True)):
+            if a.shape != spec.shape and tuple(a.shape) != spec.shape:
                 raise StepInputError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
-            if np.dtype(a.dtype) != np.dtype(spec.dtype):
+            if a.dtype != dtype:
                 raise StepInputError(f"{spec.name}: expected dtype {spec.dtype}, got {np.dtype(a.dtype)}")
-            if not isinstance(a, jax.Array) or a.sharding != want:
-                if isinstance(a, jax.Array) and a.is_deleted():
-                    raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
-                if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(want, len(spec.shape)):
-                    pass
-                elif spec.donated:
-                    raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got "
-                                         f"{getattr(a, 'sharding', 'a host array')}")
-                else:
-                    a = jax.device_put(a, want)
-            elif a.is_deleted():
+            if not isinstance(a, jax.Array):
+                if spec.donated:
+                    raise StepInputError(f"{spec.name}: a donated input must be a jax.Array placed as {want.spec}")
+                out[i] = jax.device_put(a, want)
+                continue
+            if a.is_deleted():
                 raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
-            out.append(a)
+            if a.sharding != want and not a.sharding.is_equivalent_to(want, len(spec.shape)):
+                if spec.donated:
+                    raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got "
+                                         f"{a.sharding}")
+                out[i] = jax.device_put(a, want)
+        donated = [id(out[i]) for i in self._donated_list]
+        if len(set(donated)) != len(donated) or set(donated) & {id(out[i]) for i in self._kept_list}:
+            names = [specs[i].name for i in self._donated_list if donated.count(id(out[i])) > 1
+                     or id(out[i]) in {id(out[j]) for j in self._kept_list}]
+            raise StepInputError(f"the same array is passed as a donated input and as another input: {names}; "
+                                 "pass a copy")
         return out
 
     def __call__(self, args: Sequence[Any]) -> list[jax.Array]:
