@@ -225,7 +225,7 @@ def test_a_rehashed_manifest_that_contradicts_the_module_is_inconsistent(saved, 
     enc = {p["name"]: (payloads[p["name"]], p["encoding"]) for p in manifest.pop("payloads")}
     bad = tmp_path / "rehashed.shardopt"
     container.write_container(bad, manifest, enc)
-    want = r"inconsistent artifact: dense/kernel: export float32\[16,8\] vs convention float32\[16, 16\]"
+    want = r"inconsistent artifact: dense/kernel: export float32\[16, 8\] vs convention float32\[16, 16\]"
     with pytest.raises(ArtifactError, match=want):
         shardopt.load(bad)
 

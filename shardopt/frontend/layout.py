@@ -100,8 +100,9 @@ class Layout:
         return PartitionSpec(*(None if s == UNSHARDED else s for s in self.sharding_specs))
 
     def to_named_sharding(self) -> NamedSharding:
-        """The NamedSharding on the Auto-axes version of the mesh, the one shardopt compiles for."""
-        return NamedSharding(auto_mesh(self.mesh), self.to_partition_spec())
+        """The NamedSharding on this layout's mesh (its axis types kept: values live where the user's data does;
+        only lowering switches to Auto axes)."""
+        return NamedSharding(self.mesh, self.to_partition_spec())
 
     def validate(self, shape: Sequence[int], what: str) -> None:
         """Raises a ValueError naming `what`, the dimension and the axis when this layout cannot hold `shape`."""

@@ -380,7 +380,14 @@ class Optimizer:
         """Gradients of `loss(values)` (a callable of the variables' values, in `var_list` order) by jax.grad."""
         if not callable(loss):
             raise TypeError("loss must be a callable of the list of variable values")
-        grads = jax.grad(loss)([v.value for v in var_list])
+        values = [v.value for v in var_list]
+        mesh = self.mesh if self.mesh is not None else next(
+            (v.layout.mesh for v in var_list if v.layout is not None), None)
+        if mesh is not None and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            with jax.set_mesh(mesh):  # values on an Explicit-axes mesh carry their sharding in their types
+                grads = jax.grad(loss)(values)
+        else:
+            grads = jax.grad(loss)(values)
         return list(zip(grads, var_list, strict=True))
 
     def minimize(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],

@@ -256,7 +256,8 @@ def _check_consistent(manifest: dict[str, Any], conv: CallingConvention, exporte
         problems.append(f"export takes {len(exported.in_avals)} arguments, the convention {len(conv.args)}")
     for aval, spec in zip(exported.in_avals, conv.args, strict=False):
         if tuple(aval.shape) != spec.shape or np.dtype(aval.dtype) != np.dtype(spec.dtype):
-            problems.append(f"{spec.name}: export {aval.str_short()} vs convention {spec.dtype}{list(spec.shape)}")
+            exported = f"{np.dtype(aval.dtype)}{list(aval.shape)}"
+            problems.append(f"{spec.name}: export {exported} vs convention {spec.dtype}{list(spec.shape)}")
     var_names = [a.name for a in conv.args if a.role == VARIABLE]
     if list(manifest["names"]) != var_names:
         problems.append(f"variables {manifest['names']} vs convention {var_names}")

@@ -18,7 +18,7 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 from shardopt import ir as sir
 from shardopt.compat.jax_private import exported_with_module, serialize_portable
 from shardopt.frontend.convention import CallingConvention, TensorSpec
-from shardopt.frontend.layout import auto_mesh, same_mesh
+from shardopt.frontend.layout import same_mesh
 
 
 class StepInputError(ValueError):
@@ -47,7 +47,7 @@ class CompiledStep:
 
     def __init__(self, exported: jax.export.Exported, convention: CallingConvention, mesh: Mesh):
         self.convention = convention
-        self.mesh = auto_mesh(mesh)
+        self.mesh = mesh  # the user's mesh, axis types included, so results live where the user's data does
         self.exported = exported
         self.in_shardings = [named_sharding(self.mesh, a) for a in convention.args]
         self.out_shardings = [named_sharding(self.mesh, r) for r in convention.results]
@@ -61,7 +61,7 @@ class CompiledStep:
                     mesh: Mesh) -> CompiledStep:
         """Swaps the optimized module into jax's export of the same step and prepares it for `mesh`."""
         check_mesh(convention, mesh)
-        abstract = auto_mesh(mesh).abstract_mesh
+        abstract = mesh.abstract_mesh
         ins = tuple(NamedSharding(abstract, PartitionSpec(*(a.layout or ()))) for a in convention.args)
         outs = tuple(NamedSharding(abstract, PartitionSpec(*(r.layout or ()))) for r in convention.results)
         exported = exported_with_module(template, module_bytes(module_text), ins, outs)

@@ -65,7 +65,7 @@ class JaxStepFunction:
         try:
             outs = self.exported.call(*flat)
         except ValueError as e:
-            if "was exported for" not in str(e):
+            if "was exported for" not in str(e) and "size of the mesh" not in str(e):
                 raise
             raise StepInputError(
                 f"{e} The step was compiled for the mesh {dict(self.step.convention.mesh_axes)} "
