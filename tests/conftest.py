@@ -23,3 +23,10 @@ def mesh():
 def mesh8():
     """A 1-D mesh of all 8 devices."""
     return jax.make_mesh((8,), ("x",))
+
+
+def pytest_collection_modifyitems(config, items):
+    """All TensorFlow tests share one xdist worker (with --dist loadgroup), so TF is imported once per run."""
+    for item in items:
+        if item.get_closest_marker("tf") is not None:
+            item.add_marker(pytest.mark.xdist_group("tf"))
