@@ -1,0 +1,127 @@
+// Inputs for tests/test_pass_fuse_clipping.py: each chunk between separator lines is run through `fuse-clipping`
+// alone and the concatenated outputs are checked against the CHECK lines of this file.
+
+// Global norm (tf.clip_by_global_norm) over two replicated f32[4,8] gradients, one f32[6] gradient and one
+// f32[4,8] sharded on its minor dim (left alone: its local sums would read across the major dim): the two
+// replicated f32[4,8] share a variadic reduce, the add tree of l2_loss halves becomes one reduction over the
+// stacked partials, and the clip scale is untouched.
+// CHECK-LABEL: module @global_norm
+// CHECK:         %[[SQ0:.*]] = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
+// CHECK:         %[[SQ1:.*]] = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+// CHECK:         %[[BATCH:.*]]:2 = stablehlo.reduce(%[[SQ0]] init: %{{.*}}), (%[[SQ1]] init: %{{.*}}) across dimensions = [0, 1]
+// CHECK-SAME:      -> (tensor<f32>, tensor<f32>)
+// CHECK:         stablehlo.divide %[[BATCH]]#0
+// CHECK:         stablehlo.divide %[[BATCH]]#1
+// CHECK:         %[[STACK:.*]] = stablehlo.concatenate {{.*}} dim = 0 : (tensor<1xf32>, tensor<1xf32>, tensor<1xf32>, tensor<1xf32>) -> tensor<4xf32>
+// CHECK:         %[[TOTAL:.*]] = stablehlo.reduce(%[[STACK]] init: %{{.*}}) applies stablehlo.add across dimensions = [0]
+// CHECK-NOT:     stablehlo.add {{.*}} : tensor<f32>
+// CHECK:         stablehlo.multiply %[[TOTAL]], %{{.*}} : tensor<f32>
+// CHECK:         return
+module @global_norm {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg1: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg2: tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>},
+                         %arg3: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"model"}]>})
+      -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<6xf32>, tensor<4x8xf32>) {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %two = stablehlo.constant dense<2.000000e+00> : tensor<f32>
+    %one = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.divide %1, %two : tensor<f32>
+    %3 = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+    %4 = stablehlo.reduce(%3 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %5 = stablehlo.divide %4, %two : tensor<f32>
+    %6 = stablehlo.multiply %arg2, %arg2 : tensor<6xf32>
+    %7 = stablehlo.reduce(%6 init: %zero) applies stablehlo.add across dimensions = [0] : (tensor<6xf32>, tensor<f32>) -> tensor<f32>
+    %8 = stablehlo.divide %7, %two : tensor<f32>
+    %9 = stablehlo.multiply %arg3, %arg3 : tensor<4x8xf32>
+    %10 = stablehlo.reduce(%9 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %11 = stablehlo.divide %10, %two : tensor<f32>
+    %12 = stablehlo.add %2, %5 : tensor<f32>
+    %13 = stablehlo.add %12, %8 : tensor<f32>
+    %14 = stablehlo.add %13, %11 : tensor<f32>
+    %15 = stablehlo.multiply %14, %two : tensor<f32>
+    %16 = stablehlo.sqrt %15 : tensor<f32>
+    %17 = stablehlo.divide %one, %16 : tensor<f32>
+    %18 = stablehlo.minimum %17, %one : tensor<f32>
+    %b0 = stablehlo.broadcast_in_dim %18, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %b1 = stablehlo.broadcast_in_dim %18, dims = [] : (tensor<f32>) -> tensor<6xf32>
+    %c0 = stablehlo.multiply %arg0, %b0 : tensor<4x8xf32>
+    %c1 = stablehlo.multiply %arg1, %b0 : tensor<4x8xf32>
+    %c2 = stablehlo.multiply %arg2, %b1 : tensor<6xf32>
+    %c3 = stablehlo.multiply %arg3, %b0 : tensor<4x8xf32>
+    return %c0, %c1, %c2, %c3 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<6xf32>, tensor<4x8xf32>
+  }
+}
+
+// -----
+
+// Per-tensor clipnorm over two f32[16,8] gradients laid out [{"model"}, {}], the second behind a sharding
+// constraint: one variadic reduce over the unsharded (minor) dim 1, then one reduce per tensor over the sharded
+// dim 0 (XLA turns that into a local reduce plus an all-reduce); each tensor keeps its own norm and clip math.
+// CHECK-LABEL: module @clipnorm_sharded
+// CHECK:         %[[SQ0:.*]] = stablehlo.multiply %arg0, %arg0
+// CHECK:         %[[SQ1:.*]] = stablehlo.multiply %{{.*}}, %{{.*}} : tensor<16x8xf32>
+// CHECK:         %[[ROWS:.*]]:2 = stablehlo.reduce(%[[SQ0]] init: %{{.*}}), (%[[SQ1]] init: %{{.*}}) across dimensions = [1]
+// CHECK-SAME:      -> (tensor<16xf32>, tensor<16xf32>)
+// CHECK:         %[[N0:.*]] = stablehlo.reduce(%[[ROWS]]#0 init: %{{.*}}) applies stablehlo.add across dimensions = [0] : (tensor<16xf32>, tensor<f32>) -> tensor<f32>
+// CHECK:         stablehlo.sqrt %[[N0]]
+// CHECK:         %[[N1:.*]] = stablehlo.reduce(%[[ROWS]]#1 init: %{{.*}}) applies stablehlo.add across dimensions = [0] : (tensor<16xf32>, tensor<f32>) -> tensor<f32>
+// CHECK:         stablehlo.sqrt %[[N1]]
+// CHECK:         return
+module @clipnorm_sharded {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<16x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>},
+                         %arg1: tensor<16x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>})
+      -> (tensor<16x8xf32>, tensor<16x8xf32>) {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %one = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<16x8xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<16x8xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.sqrt %1 : tensor<f32>
+    %3 = stablehlo.maximum %2, %one : tensor<f32>
+    %4 = stablehlo.broadcast_in_dim %3, dims = [] : (tensor<f32>) -> tensor<16x8xf32>
+    %5 = stablehlo.divide %arg0, %4 : tensor<16x8xf32>
+    %g1 = sdy.sharding_constraint %arg1 <@mesh, [{"model"}, {}]> : tensor<16x8xf32>
+    %6 = stablehlo.multiply %g1, %g1 : tensor<16x8xf32>
+    %7 = stablehlo.reduce(%6 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<16x8xf32>, tensor<f32>) -> tensor<f32>
+    %8 = stablehlo.sqrt %7 : tensor<f32>
+    %9 = stablehlo.maximum %8, %one : tensor<f32>
+    %10 = stablehlo.broadcast_in_dim %9, dims = [] : (tensor<f32>) -> tensor<16x8xf32>
+    %11 = stablehlo.divide %arg1, %10 : tensor<16x8xf32>
+    return %5, %11 : tensor<16x8xf32>, tensor<16x8xf32>
+  }
+}
+
+// -----
+
+// Left alone: a minor-dim sharded layout (strided local sums) next to a major-dim sharded one of the same
+// shape (different layouts never share a reduction), a layout with no unsharded dimension, a sum that is not
+// of squares, and a partial (not full) reduction.
+// CHECK-LABEL: module @left_alone
+// CHECK-COUNT-5: stablehlo.reduce(%{{[0-9]+}} init: %{{.*}}) applies stablehlo.add
+// CHECK-NOT:     stablehlo.reduce
+// CHECK:         return
+module @left_alone {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<8x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"model"}]>},
+                         %arg1: tensor<8x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>},
+                         %arg2: tensor<8x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"batch"}, {"model"}]>},
+                         %arg3: tensor<8x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"batch"}, {"model"}]>})
+      -> (tensor<f32>, tensor<f32>, tensor<f32>, tensor<f32>, tensor<8xf32>) {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<8x8xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<8x8xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.multiply %arg1, %arg1 : tensor<8x8xf32>
+    %3 = stablehlo.reduce(%2 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<8x8xf32>, tensor<f32>) -> tensor<f32>
+    %4 = stablehlo.multiply %arg2, %arg2 : tensor<8x8xf32>
+    %5 = stablehlo.reduce(%4 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<8x8xf32>, tensor<f32>) -> tensor<f32>
+    %6 = stablehlo.multiply %arg3, %arg2 : tensor<8x8xf32>
+    %7 = stablehlo.reduce(%6 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<8x8xf32>, tensor<f32>) -> tensor<f32>
+    %8 = stablehlo.multiply %arg0, %arg0 : tensor<8x8xf32>
+    %9 = stablehlo.reduce(%8 init: %zero) applies stablehlo.add across dimensions = [0] : (tensor<8x8xf32>, tensor<f32>) -> tensor<8xf32>
+    return %1, %3, %5, %7, %9 : tensor<f32>, tensor<f32>, tensor<f32>, tensor<f32>, tensor<8xf32>
+  }
+}
