@@ -96,10 +96,11 @@ class PropagateLayouts:
         sir.set_arg_attrs(fn, [{"sdy.sharding": sir.sharding_attr(lay, len(lay))} for lay in final])
 
         results = sir.result_attrs(fn)
+        result_types = list(fn.type.results)  # fn.type builds a new FunctionType on every access
         out: list[tuple[Any, ...]] = []
         for j, r in enumerate(results):
             name = sir.string_attr(r.get("shardopt.name"))
-            rank = len(_shape(fn.type.results[j]))
+            rank = len(_shape(result_types[j]))
             have = sir.layout_from_sharding(r.get("sdy.sharding"))
             want = layouts.get(name, (None,) * rank) if name is not None else have
             if want is None:

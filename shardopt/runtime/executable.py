@@ -54,6 +54,7 @@ class CompiledStep:
         self._donated_list = convention.donated_argnums()
         self._kept_list = tuple(i for i in range(len(convention.args)) if i not in set(self._donated_list))
         self._dtypes = [np.dtype(a.dtype) for a in convention.args]
+        self._accepted: list[Any] = [None] * len(convention.args)  # last sharding found equivalent, per argument
         self._fn = jax.jit(exported.call, donate_argnums=convention.donated_argnums())
 
     @classmethod
@@ -88,10 +89,15 @@ class CompiledStep:
                 continue
             if a.is_deleted():
                 raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
-            if a.sharding != want and not a.sharding.is_equivalent_to(want, len(spec.shape)):
+            sharding = a.sharding
+            if sharding is self._accepted[i] or sharding == want:
+                pass
+            elif sharding.is_equivalent_to(want, len(spec.shape)):
+                self._accepted[i] = sharding  # equivalent but not == (e.g. P() vs P(None)): remember it
+            else:
                 if spec.donated:
                     raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got "
-                                         f"{a.sharding}")
+                                         f"{sharding}")
                 out[i] = jax.device_put(a, want)
         donated = [id(out[i]) for i in self._donated_list]
         if len(set(donated)) != len(donated) or set(donated) & {id(out[i]) for i in self._kept_list}:
