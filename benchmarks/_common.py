@@ -442,3 +442,36 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=default)
+
+
+def convention_args(exe: Any, opt: Any, by_name: dict[str, Any], grad_by_name: dict[str, Any],
+                    lr_array: Any) -> list[Any]:
+    """The optimizer's arrays in a compiled step's calling-convention order, as `apply_gradients` assembles them."""
+    from shardopt.frontend.convention import COUNTER, GRADIENT, HYPERPARAMETER, SLOT, VARIABLE
+
+    out: list[Any] = []
+    for spec in exe.convention.args:
+        if spec.role == VARIABLE:
+            out.append(by_name[spec.name].value)
+        elif spec.role == GRADIENT:
+            out.append(grad_by_name[spec.owner])
+        elif spec.role == SLOT:
+            out.append(opt.get_slot(by_name[spec.owner], spec.name[: -len(spec.owner) - 1]).value)
+        elif spec.role == COUNTER:
+            out.append(opt.iterations.value)
+        elif spec.role == HYPERPARAMETER:
+            out.append(lr_array)
+        else:
+            raise NotImplementedError(f"argument role {spec.role}")
+    return out
+
+
+def flat_adam(p: jax.Array, m: jax.Array, v: jax.Array, t: jax.Array, g: jax.Array, lr: float,
+              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7) -> tuple[jax.Array, ...]:
+    """Keras-form Adam over flat buffers: the hand-written fused step the benchmarks compare against."""
+    t = t + 1
+    tf = t.astype(jnp.float32)
+    alpha = lr * jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf)
+    m = m + (g - m) * (1 - b1)
+    v = v + (g * g - v) * (1 - b2)
+    return p - (m * alpha) / (jnp.sqrt(v) + eps), m, v, t

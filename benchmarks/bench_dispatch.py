@@ -27,10 +27,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from _common import environment, load_average, make_arrays, param_set, print_table, write_json
+from _common import convention_args, environment, load_average, make_arrays, param_set, print_table, write_json
 
 import shardopt
-from shardopt.frontend.convention import COUNTER, GRADIENT, HYPERPARAMETER, SLOT, VARIABLE
+from shardopt.frontend.convention import COUNTER, SLOT, VARIABLE
 
 LR = 1e-3
 TARGET = 1.10
@@ -60,23 +60,9 @@ class Case:
 
     def args(self) -> list[Any]:
         """The flat arguments, assembled as apply_gradients does (convention order)."""
-        out: list[Any] = []
-        for spec, sharding in zip(self.exe.convention.args, self.exe.in_shardings, strict=True):
-            if spec.role == VARIABLE:
-                out.append(self.by_name[spec.name].value)
-            elif spec.role == GRADIENT:
-                out.append(self.grad_by_name[spec.owner])
-            elif spec.role == SLOT:
-                out.append(self.opt.get_slot(self.by_name[spec.owner], spec.name[: -len(spec.owner) - 1]).value)
-            elif spec.role == COUNTER:
-                out.append(self.opt.iterations.value)
-            elif spec.role == HYPERPARAMETER:
-                if self.lr is None:
-                    self.lr = jax.device_put(np.float32(LR), sharding)
-                out.append(self.lr)
-            else:
-                raise NotImplementedError(spec.role)
-        return out
+        if self.lr is None:
+            self.lr = jax.device_put(np.float32(LR), self.exe.in_shardings[-1])
+        return convention_args(self.exe, self.opt, self.by_name, self.grad_by_name, self.lr)
 
     def write_back(self, outs: list[Any]) -> None:
         """Puts a direct call's results back into the optimizer (what apply_gradients does itself)."""

@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from _common import (
@@ -29,6 +28,7 @@ from _common import (
     JitCase,
     ParamSet,
     environment,
+    flat_adam,
     fmt,
     load_average,
     make_arrays,
@@ -152,16 +152,9 @@ class FlatEmbedded(JitCase):
         m, = make_arrays(flat, "zeros")
         v, = make_arrays(flat, "zeros")
         t = jax.device_put(np.int32(0), NamedSharding(self.ps.mesh, PartitionSpec()))
-        b1, b2, eps = 0.9, 0.999, 1e-7
 
         def one(c: Any, g: jax.Array) -> Any:
-            p, m, v, t = c
-            t = t + 1
-            tf = t.astype(jnp.float32)
-            alpha = LR * jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf)
-            m = m + (g - m) * (1 - b1)
-            v = v + (g * g - v) * (1 - b2)
-            return p - (m * alpha) / (jnp.sqrt(v) + eps), m, v, t
+            return flat_adam(*c, g, LR)
 
         def loop(p: Any, m: Any, v: Any, t: Any, g: jax.Array) -> Any:
             return lax.fori_loop(0, self.updates, lambda _, c: one(c, g), (p, m, v, t))

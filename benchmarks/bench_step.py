@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from _common import (
@@ -35,7 +34,9 @@ from _common import (
     ParamSet,
     Row,
     bandwidth_probe,
+    convention_args,
     environment,
+    flat_adam,
     fmt,
     load_average,
     make_arrays,
@@ -51,7 +52,7 @@ from _common import (
 from jax.sharding import NamedSharding, PartitionSpec
 
 import shardopt
-from shardopt.frontend.convention import COUNTER, GRADIENT, HYPERPARAMETER, SLOT, VARIABLE
+from shardopt.frontend.convention import COUNTER, SLOT, VARIABLE
 
 BYTES_PER_ELEMENT = 28  # Adam: read p, g, m, v and write p, m, v, float32
 LR = 1e-3
@@ -112,21 +113,8 @@ class ShardoptApply(Case):
 
     def args(self) -> list[jax.Array]:
         """The flat arguments in the calling convention's order, as apply_gradients assembles them."""
-        out: list[Any] = []
-        for spec, sharding in zip(self.exe.convention.args, self.exe.in_shardings, strict=True):
-            if spec.role == VARIABLE:
-                out.append(self.by_name[spec.name].value)
-            elif spec.role == GRADIENT:
-                out.append(self.grad_by_name[spec.owner])
-            elif spec.role == SLOT:
-                out.append(self.opt.get_slot(self.by_name[spec.owner], spec.name[: -len(spec.owner) - 1]).value)
-            elif spec.role == COUNTER:
-                out.append(self.opt.iterations.value)
-            elif spec.role == HYPERPARAMETER:
-                out.append(jax.device_put(np.float32(LR), sharding))
-            else:
-                raise NotImplementedError(f"argument role {spec.role}")
-        return out
+        lr = jax.device_put(np.float32(LR), self.exe.in_shardings[-1])
+        return convention_args(self.exe, self.opt, self.by_name, self.grad_by_name, lr)
 
     def write_back(self, outs: list[jax.Array]) -> None:
         """A direct call's results into the optimizer (its donated arrays are gone)."""
@@ -222,15 +210,8 @@ class FlatCase(JitCase):
         m, = make_arrays(flat, "zeros")
         v, = make_arrays(flat, "zeros")
         t = jax.device_put(np.int32(0), NamedSharding(mesh, PartitionSpec()))
-        b1, b2, eps = 0.9, 0.999, 1e-7
-
         def step_fn(p: jax.Array, m: jax.Array, v: jax.Array, t: jax.Array, g: jax.Array) -> Any:
-            t = t + 1
-            tf = t.astype(jnp.float32)
-            alpha = LR * jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf)
-            m = m + (g - m) * (1 - b1)
-            v = v + (g * g - v) * (1 - b2)
-            return p - (m * alpha) / (jnp.sqrt(v) + eps), m, v, t
+            return flat_adam(p, m, v, t, g, LR)
 
         out_sh = (sharding, sharding, sharding, NamedSharding(mesh, PartitionSpec()))
         jitted = jax.jit(step_fn, donate_argnums=(0, 1, 2, 3), out_shardings=out_sh)
