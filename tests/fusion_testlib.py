@@ -39,6 +39,17 @@ def filecheck(pass_name: str) -> tuple[int, str, list[dict[str, Any]]]:
     return proc.returncode, proc.stderr, [r.stages[-1].stats for r in results]
 
 
+def adam(mesh: Mesh, packed: bool = True, **kwargs: Any) -> Any:
+    """`shardopt.Adam` on `mesh`; `packed=False` keeps every variable and slot in a buffer of its own (the calling
+    convention of `compile()`), so passes see one result per variable."""
+    import shardopt
+
+    opt = shardopt.Adam(mesh=mesh, **kwargs)
+    if not packed:
+        opt.pack_max_elements = 0
+    return opt
+
+
 def one_device_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()[:1]), ("replica",), axis_types=(AxisType.Auto,))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from fusion_testlib import (
     FRONT,
+    adam,
     build,
     bytes_per_element,
     chunks,
@@ -87,7 +88,7 @@ CLIPS = {"global": dict(global_clipnorm=1.0), "per_tensor": dict(clipnorm=0.5)}
 def _built(key: str) -> tuple:
     """Per clipping mode: the step before (after propagate-layouts) and after fuse-clipping on the 2x4 mesh."""
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
-    program = shardopt.Adam(mesh=mesh, **CLIPS[key]).program_for(_grads(_mesh_variables(mesh)))
+    program = adam(mesh, packed=False, **CLIPS[key]).program_for(_grads(_mesh_variables(mesh)))
     names = (*FRONT, PASS)
     stats = run_pipeline(program.lowered.module_text, names).stage(PASS).stats
     return stats, build(program, names, "propagate-layouts", mesh), build(program, names, PASS, mesh)
@@ -120,7 +121,7 @@ def test_no_new_collectives_on_mesh(built, key):
 def test_same_results_bfloat16(mesh):
     """Half-precision gradients are squared and summed in float32 (the frontend converts them first)."""
     variables = _mesh_variables(mesh, np.dtype("bfloat16"))[:6]
-    program = shardopt.Adam(mesh=mesh, global_clipnorm=1.0).program_for(_grads(variables, np.dtype("bfloat16")))
+    program = adam(mesh, packed=False, global_clipnorm=1.0).program_for(_grads(variables, np.dtype("bfloat16")))
     names = (*FRONT, PASS)
     before = build(program, names, "propagate-layouts", mesh)
     after = build(program, names, PASS, mesh)
@@ -144,7 +145,7 @@ def test_compiled_kernels_bytes_and_temp():
     mesh = one_device_mesh()
     count, size = 48, 1024
     variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]
-    program = shardopt.Adam(mesh=mesh, global_clipnorm=1.0).program_for(
+    program = adam(mesh, packed=False, global_clipnorm=1.0).program_for(
         [(np.ones(size, np.float32), v) for v in variables])
     before = build(program, (*FRONT, "cleanup"), "cleanup", mesh)
     after = build(program, (*FRONT, PASS, "cleanup"), "cleanup", mesh)

@@ -1,5 +1,6 @@
-"""`fuse-moments`: FileCheck of IR in/out, bitwise-equal results before and after the pass on every layout kind and
-optimizer feature, no new collectives on the 2x4 mesh, and what XLA:CPU makes of the packed update."""
+"""`fuse-moments` (packed state, in DEFAULT_PIPELINE) and its `fuse-moments-unpacked` variant: FileCheck of IR
+in/out, bitwise-equal results before and after the pass on every layout kind and optimizer feature, no new
+collectives on the 2x4 mesh, and what XLA:CPU makes of the fused update (kernels, bytes per element, temp)."""
 
 import functools
 
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 from fusion_testlib import (
     FRONT,
+    adam,
     bits,
     build,
     bytes_per_element,
     chunks,
     collectives,
+    entry,
     filecheck,
     interpret,
     loop_kernels,
@@ -27,16 +30,24 @@ from shardopt import UNSHARDED, IndexedSlices, Layout, PassError
 from shardopt.passes.pipeline import DEFAULT_PIPELINE, REGISTRY, run_pipeline
 
 PASS = "fuse-moments"
+UNPACKED = "fuse-moments-unpacked"
 
 
-def test_registered_but_opt_in():
-    """Not in DEFAULT_PIPELINE: with one result per variable XLA:CPU gains nothing from packing (see the last
-    test); opt in with `optimizer.pipeline = (..., "fuse-clipping", "fuse-moments", "cleanup")`."""
-    assert PASS in REGISTRY and PASS not in DEFAULT_PIPELINE
+def test_default_for_packed_state_only():
+    """fuse-moments (packed results only) is in DEFAULT_PIPELINE; the variant that also fuses variables returned
+    one buffer each is registered but not default: XLA:CPU loses on it (see the last test)."""
+    assert PASS in DEFAULT_PIPELINE and UNPACKED in REGISTRY and UNPACKED not in DEFAULT_PIPELINE
 
 
-def test_filecheck():
+def test_filecheck_packed():
     rc, err, stats = filecheck(PASS)
+    assert rc == 0, err
+    assert stats[0]["groups"] == 1 and stats[0]["tensors_per_group"] == {"2": 1}, stats
+    assert stats[0]["packed_leaves"] == 3 and stats[0]["pack_copies_folded"] == 4, stats
+
+
+def test_filecheck_unpacked():
+    rc, err, stats = filecheck(UNPACKED)
     assert rc == 0, err
     assert stats[0]["groups"] == 2 and stats[0]["tensors_per_group"] == {"2": 2} and stats[0]["packed_leaves"] == 6
     assert stats[1]["groups"] == 1 and stats[1]["results_unfused"] == {"no unsharded dimension": 2}
@@ -46,8 +57,9 @@ def test_needs_closed_layouts(mesh):
     """Run before propagate-layouts, slots have open layouts: an error, not a guess."""
     v = shardopt.Variable(np.ones(4, np.float32), name="w")
     program = shardopt.Adam(mesh=mesh).program_for([(np.ones(4, np.float32), v)])
-    with pytest.raises(PassError, match="closed layout"):
-        run_pipeline(program.lowered.module_text, ("inline-calls", PASS))
+    for name in (PASS, UNPACKED):
+        with pytest.raises(PassError, match="closed layout"):
+            run_pipeline(program.lowered.module_text, ("inline-calls", name))
 
 
 def _variables(mesh, dtype):
@@ -78,11 +90,12 @@ def _grads(variables, dtype):
 def test_interpreter_bitwise_on_filecheck_inputs():
     """The IR semantics are unchanged bit for bit (reference interpreter, no compiler rewrites), including
     per-variable scalars packed as broadcast pieces."""
-    for k, chunk in enumerate(chunks(PASS)):
-        after = run_pipeline(chunk, [PASS]).final_text
-        inputs = normal_inputs(chunk, seed=k)
-        for x, y in zip(interpret(chunk, inputs), interpret(after, inputs), strict=True):
-            np.testing.assert_array_equal(bits(y), bits(x))
+    for name in (PASS, UNPACKED):
+        for k, chunk in enumerate(chunks(name)):
+            after = run_pipeline(chunk, [name]).final_text
+            inputs = normal_inputs(chunk, seed=k)
+            for x, y in zip(interpret(chunk, inputs), interpret(after, inputs), strict=True):
+                np.testing.assert_array_equal(bits(y), bits(x))
 
 
 CONFIGS = {
@@ -93,14 +106,17 @@ CONFIGS = {
 
 
 @functools.cache
-def _built(key: str) -> tuple:
-    """Per configuration: the step before (after propagate-layouts) and after fuse-moments, compiled for the
-    2x4 mesh over every layout kind and a sparse embedding."""
+def _built(key: str, packed: bool = False) -> tuple:
+    """Per configuration: the step before (after propagate-layouts) and after the pass, compiled for the 2x4 mesh
+    over every layout kind and a sparse embedding; packed: state packed, fuse-moments; else one buffer per
+    variable, fuse-moments-unpacked."""
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
-    program = shardopt.Adam(mesh=mesh, **CONFIGS[key]).program_for(_grads(_variables(mesh, np.float32), np.float32))
-    names = (*FRONT, PASS)
-    stats = run_pipeline(program.lowered.module_text, names).stage(PASS).stats
-    return stats, build(program, names, "propagate-layouts", mesh), build(program, names, PASS, mesh)
+    opt = adam(mesh, packed=packed, **CONFIGS[key])
+    program = opt.program_for(_grads(_variables(mesh, np.float32), np.float32))
+    name = PASS if packed else UNPACKED
+    names = (*FRONT, name)
+    stats = run_pipeline(program.lowered.module_text, names).stage(name).stats
+    return stats, build(program, names, "propagate-layouts", mesh), build(program, names, name, mesh)
 
 
 @pytest.fixture
@@ -119,11 +135,52 @@ def test_bitwise_same_results(built, key):
         np.testing.assert_array_equal(bits(y), bits(x), err_msg=spec.name)
 
 
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_bitwise_same_results_packed(built, key):
+    """Packed state (frontend/packing.py): p0, p1 (dim 0 on "model") pack as rows, b0, b1 (replicated) flat;
+    the rest stay loose and unfused. Every result, packed or loose, is bitwise the same."""
+    stats, before, after = built(key, packed=True)
+    assert stats["groups"] == 2 and stats["tensors_per_group"] == {"2": 2}, stats
+    assert stats["pack_copies_folded"] >= 2 * (1 + len(before.step.convention.results)) // 4, stats
+    assert set(stats["results_unfused"]) == {"results not packed"}, stats
+    inputs = random_inputs(before)
+    if key == "clipnorm":  # per-tensor divisors packed: XLA may not turn the division into a multiplication
+        for x, y in zip(run(before, inputs), run(after, inputs), strict=True):
+            np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-9)
+        return
+    for x, y, spec in zip(run(before, inputs), run(after, inputs), before.step.convention.results, strict=True):
+        np.testing.assert_array_equal(bits(y), bits(x), err_msg=spec.name)
+
+
+def test_packed_step_compiled_kernels_bytes_and_temp():
+    """48 replicated f32[1024] variables, one device, default pipeline: the state is one buffer each for the
+    variables, m and v, updated by Adam's 3 loop kernels (XLA:CPU writes each result with its own loop) plus
+    one concatenation of the 48 gradients, instead of 3 kernels per variable. Bytes per element are Adam's 40
+    plus writing and re-reading the packed gradient (8); no temp buffer besides the packed gradient."""
+    mesh = one_device_mesh()
+    count, size = 48, 1024
+    variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]
+    program = adam(mesh).program_for([(np.ones(size, np.float32), v) for v in variables])
+    unfused = build(program, (*FRONT, "cleanup"), "cleanup", mesh)
+    fused = build(program, (*FRONT, PASS, "cleanup"), "cleanup", mesh)
+    stats = program.pipeline.stage(PASS).stats
+    assert stats["groups"] == 1 and stats["tensors_per_group"] == {str(count): 1}, stats
+    assert len(program.convention.args) == 3 + count + 1 + 1  # packed p, m, v; one gradient each; t; lr
+    elements = count * size
+    kernels = [k for k in loop_kernels(fused.hlo) if f"f32[{elements}]" in k.split(" = ")[1].split(" ")[0]]
+    assert len(kernels) == 3, loop_kernels(fused.hlo)
+    assert entry(fused.hlo).count(" concatenate(") == 1
+    assert len(loop_kernels(unfused.hlo)) > 3 * count
+    assert bytes_per_element(fused, elements) == pytest.approx(48, abs=0.2)
+    assert bytes_per_element(unfused, elements) > bytes_per_element(fused, elements)
+    assert fused.exe.memory_analysis().temp_size_in_bytes <= 4 * elements + 1024
+
+
 def test_clipnorm_bitwise_in_interpreter_and_close_compiled(built):
     """Per-tensor clipnorm: (g * c) / max(norm, c) per variable. XLA rewrites a division by a broadcast scalar
     in the unfused step into a multiplication (a last-bit change) but cannot once the divisors are packed, so
     the compiled steps agree within 1e-6 relative; the IR itself is bitwise unchanged (interpreter)."""
-    _, before, after = built("clipnorm")
+    _, before, after = built("clipnorm", packed=False)
     inputs = random_inputs(before)
     for x, y in zip(run(before, inputs), run(after, inputs), strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-9)
@@ -135,18 +192,19 @@ def test_bitwise_same_results_bfloat16(mesh):
     """Variables and slots in bfloat16, updated in float32: the converts are part of the fused chain."""
     dtype = np.dtype("bfloat16")
     variables = _variables(mesh, dtype)[:6]
-    program = shardopt.Adam(mesh=mesh, global_clipnorm=1.0).program_for(_grads(variables, dtype))
-    names = (*FRONT, PASS)
+    program = adam(mesh, packed=False, global_clipnorm=1.0).program_for(_grads(variables, dtype))
+    names = (*FRONT, UNPACKED)
     before = build(program, names, "propagate-layouts", mesh)
-    after = build(program, names, PASS, mesh)
+    after = build(program, names, UNPACKED, mesh)
     inputs = random_inputs(before, seed=5)
     for x, y in zip(run(before, inputs), run(after, inputs), strict=True):
         np.testing.assert_array_equal(bits(y), bits(x))
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("key", list(CONFIGS))
-def test_no_new_collectives_on_mesh(built, key):
-    _, before, after = built(key)
+def test_no_new_collectives_on_mesh(built, key, packed):
+    _, before, after = built(key, packed)
     assert collectives(after.hlo) == collectives(before.hlo)
 
 
@@ -154,16 +212,16 @@ def test_xla_cpu_cannot_profit_with_per_variable_results():
     """16 replicated f32[1024] variables, one device, one group. XLA:CPU has no multi-output loop fusion, so each
     of the 48 per-variable results still gets its own loop kernel (the packed chain is re-fused into every slice)
     and the concatenated inputs are materialised: more bytes per element than the unfused step's 40 (Adam's 28
-    plus re-reading the new m and v). This pins why fuse-moments is opt-in; if it fails, XLA learned to keep the
-    packed update in one kernel and the pass should join DEFAULT_PIPELINE."""
+    plus re-reading the new m and v). This pins why fuse-moments-unpacked is not default; if it fails, XLA
+    learned to keep the packed update in one kernel and the variant should join DEFAULT_PIPELINE."""
     mesh = one_device_mesh()
     count, size = 16, 1024
     variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]
-    program = shardopt.Adam(mesh=mesh).program_for([(np.ones(size, np.float32), v) for v in variables])
-    stats = run_pipeline(program.lowered.module_text, (*FRONT, PASS)).stage(PASS).stats
+    program = adam(mesh, packed=False).program_for([(np.ones(size, np.float32), v) for v in variables])
+    stats = run_pipeline(program.lowered.module_text, (*FRONT, UNPACKED)).stage(UNPACKED).stats
     assert stats["tensors_per_group"] == {str(count): 1}
     before = build(program, (*FRONT, "cleanup"), "cleanup", mesh)
-    after = build(program, (*FRONT, PASS, "cleanup"), "cleanup", mesh)
+    after = build(program, (*FRONT, UNPACKED, "cleanup"), "cleanup", mesh)
     assert len(loop_kernels(before.hlo)) >= 3 * count
     assert len(loop_kernels(after.hlo)) >= 3 * count
     elements = count * size

@@ -19,6 +19,8 @@ from jax.sharding import Mesh
 from shardopt.compiler import StepProgram, compile_step
 from shardopt.frontend import options, schedules
 from shardopt.frontend.layout import Layout, as_layout, auto_mesh, default_mesh, same_mesh
+from shardopt.frontend.packed_state import PackedState, pack_state
+from shardopt.frontend.packing import PACK_MAX_ELEMENTS, PackGroup
 from shardopt.frontend.step import (
     EMA_SLOT,
     StepEntry,
@@ -99,6 +101,9 @@ class Optimizer:
         self._programs: dict[Any, StepProgram] = {}
         self._fast_programs: dict[Any, StepProgram] = {}  # keyed by variable indices for the common dense case
         self._schedule_cache: tuple[Any, str] = (None, "")
+        # Small variables and their slots live packed between steps (see frontend/packing.py); 0 turns it off.
+        self.pack_max_elements = PACK_MAX_ELEMENTS
+        self._packed: PackedState | None = None
 
     # ----- hyperparameters -------------------------------------------------------------------------------
     def _build_learning_rate(self, learning_rate: Any) -> Any:
@@ -311,17 +316,37 @@ class Optimizer:
             self._schedule_cache = (schedule, repr(schedules.serialize(schedule)))
         return (self._schedule_cache[1], self.pipeline)
 
-    def _program(self, entries: tuple[StepEntry, ...]) -> StepProgram:
-        key = (entries, self._schedule_key())
+    def _ensure_packed(self) -> PackedState:
+        """Packs the state once, at the first step (after `build`, so definitions have added their slots)."""
+        if self._packed is None:
+            self._packed = pack_state(self._model_variables, self._slots, self._entry_slots(), self.mesh,
+                                      self.pack_max_elements)
+        return self._packed
+
+    def _packs_for(self, entries: Sequence[StepEntry]) -> tuple[int, ...]:
+        """Indices of the packs with at least one member among `entries`."""
+        member_of = self._ensure_packed().member_of
+        return tuple(sorted({member_of[e.name][0] for e in entries if e.name in member_of}))
+
+    def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = ()) -> StepProgram:
+        key = (entries, packs, self._schedule_key())
         program = self._programs.get(key)
         if program is None:
             schedule = self._schedule()
             mesh_axes = tuple(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-            convention = build_convention(list(entries), mesh_axes, has_lr_input=schedule is None)
-            fn = make_step_fn(self, list(entries), schedule)
+            slot_names = self._entry_slots()
+            convention = build_convention(list(entries), mesh_axes, has_lr_input=schedule is None, packs=packs,
+                                          pack_slots=slot_names)
+            fn = make_step_fn(self, list(entries), schedule, packs, slot_names)
             program = compile_step(fn, convention, self.mesh, self.pipeline)
             self._programs[key] = program
         return program
+
+    def _packed_program(self, entries: tuple[StepEntry, ...]) -> tuple[StepProgram, tuple[int, ...]]:
+        """The program `apply_gradients` runs for `entries` over the packed state, and the packs it takes."""
+        pack_ids = self._packs_for(entries)
+        packs = tuple(self._ensure_packed().packs[i] for i in pack_ids)
+        return self._program(entries, packs), pack_ids
 
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Variable]], name: str | None = None,
                         skip_gradients_aggregation: bool = False, **kwargs: Any) -> Variable:
@@ -346,7 +371,7 @@ class Optimizer:
         for g, v in present:
             index = self._index[id(v)]
             indices.append(index)
-            if isinstance(g, jax.Array) and g.dtype == v.dtype and g.shape == v.value.shape:
+            if isinstance(g, jax.Array) and g.dtype == v.dtype and g.shape == v.shape:
                 signature.append(index)  # the common case: a dense gradient of the variable's shape and dtype
                 grad_arrays.append(g)
             else:
@@ -354,26 +379,37 @@ class Optimizer:
                 signature.append(entry)
                 grad_arrays.extend(arrays)
         key = (tuple(signature), self._schedule_key())
-        program = self._fast_programs.get(key)
-        if program is None:
+        fast = self._fast_programs.get(key)
+        if fast is None:
             entries = [self._dense_entry(self._model_variables[i]) if isinstance(sig, int) else sig
                        for i, sig in zip(indices, signature, strict=True)]
             if self.global_clipnorm and not self.clipnorm and len({e.dtype for e in entries}) > 1:
                 raise TypeError("global_clipnorm needs every gradient to have the same dtype (tf.clip_by_global_norm "
                                 f"stacks the norms); got {sorted({e.dtype for e in entries})}")
-            program = self._fast_programs[key] = self._program(tuple(entries))
-        variables = [v for _, v in present]
-        slot_names = self._entry_slots()
-        slot_vars = [self._slots[i][s] for i in indices for s in slot_names]
-        args = [v.value for v in variables] + grad_arrays + [s.value for s in slot_vars] + [self.iterations.value]
+            program, pack_ids = self._packed_program(tuple(entries))
+            fast = self._fast_programs[key] = (program, *self._holders(indices, pack_ids))
+        program, var_holders, slot_holders = fast
+        args = [h.value for h in var_holders] + grad_arrays + [h.value for h in slot_holders] + [self.iterations.value]
         if schedule is None:
             args.append(self._lr_input())
         outs = program.executable(args)
-        for holder, value in zip([*variables, *slot_vars, self.iterations], outs, strict=False):
+        for holder, value in zip([*var_holders, *slot_holders, self.iterations], outs, strict=False):
             holder._set(value)
         if schedule is not None:
             self._current_lr = outs[-1]
         return self.iterations
+
+    def _holders(self, indices: list[int], pack_ids: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
+        """What supplies (`.value`) and stores (`._set`) each variable and slot argument of a packed program:
+        the packed buffers of `pack_ids`, then the loose variables of `indices` (the convention's order)."""
+        state = self._ensure_packed()
+        slot_names = self._entry_slots()
+        loose = [i for i in indices if self._model_variables[i].name not in state.member_of]
+        var_holders: list[Any] = [state.variables[p] for p in pack_ids]
+        var_holders += [self._model_variables[i] for i in loose]
+        slot_holders: list[Any] = [state.slots[p][s] for p in pack_ids for s in slot_names]
+        slot_holders += [self._slots[i][s] for i in loose for s in slot_names]
+        return var_holders, slot_holders
 
     def compute_gradients(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],
                           tape: Any = None) -> list[tuple[jax.Array, Variable]]:
@@ -435,7 +471,7 @@ class Optimizer:
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
         if not self._built:
             self.build([v for _, v in pairs])
-        return self._program(tuple(self._gradient_entry(g, v)[0] for g, v in pairs))
+        return self._packed_program(tuple(self._gradient_entry(g, v)[0] for g, v in pairs))[0]
 
     def compile(self, specs: Any) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data.

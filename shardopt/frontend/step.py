@@ -26,6 +26,7 @@ from shardopt.frontend.convention import (
     CallingConvention,
     TensorSpec,
 )
+from shardopt.frontend.packing import PackGroup
 
 if TYPE_CHECKING:
     from shardopt.frontend.optimizer import Optimizer
@@ -58,11 +59,22 @@ def counter_dtype() -> np.dtype:
     return np.dtype(np.int64) if jax.config.jax_enable_x64 else np.dtype(np.int32)
 
 
-def build_convention(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], ...],
-                     has_lr_input: bool) -> CallingConvention:
-    """The argument and result list of the step; slots are left with open layouts for propagate-layouts."""
+def _loose(entries: list[StepEntry], packs: tuple[PackGroup, ...]) -> list[StepEntry]:
+    packed = {m.name for p in packs for m in p.members}
+    return [e for e in entries if e.name not in packed]
+
+
+def build_convention(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], ...], has_lr_input: bool,
+                     packs: tuple[PackGroup, ...] = (), pack_slots: tuple[str, ...] = ()) -> CallingConvention:
+    """The argument and result list of the step; slots are left with open layouts for propagate-layouts.
+
+    Variables of `packs` (and each of their slots) arrive as one buffer per pack, before the loose variables;
+    every entry still has its own gradient."""
     args: list[TensorSpec] = []
-    for e in entries:
+    loose = _loose(entries, packs)
+    for p in packs:
+        args.append(TensorSpec(p.name, VARIABLE, p.shape, p.dtype, layout=p.layout, donated=True))
+    for e in loose:
         args.append(TensorSpec(e.name, VARIABLE, e.shape, e.dtype, layout=e.layout, donated=True))
     for e in entries:
         gname = f"grad/{e.name}"
@@ -74,7 +86,10 @@ def build_convention(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int],
             args.append(TensorSpec(gname, GRADIENT, (e.sparse_rows, *e.shape[1:]), e.dtype, owner=e.name))
             args.append(TensorSpec(f"grad_indices/{e.name}", GRADIENT_INDICES, (e.sparse_rows,), e.index_dtype,
                                    owner=e.name))
-    for e in entries:
+    for p in packs:
+        for s in pack_slots:
+            args.append(TensorSpec(f"{s}/{p.name}", SLOT, p.shape, p.dtype, owner=p.name, donated=True))
+    for e in loose:
         for s in e.slots:
             args.append(TensorSpec(f"{s}/{e.name}", SLOT, e.shape, e.dtype, owner=e.name, donated=True))
     ctr = str(counter_dtype())
@@ -91,63 +106,94 @@ def _densify(values: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> j
     return jnp.zeros(shape, values.dtype).at[indices].add(values, mode="drop")
 
 
-def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None
+def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None,
+                 packs: tuple[PackGroup, ...] = (), pack_slots: tuple[str, ...] = ()
                  ) -> Callable[..., tuple[jax.Array, ...]]:
-    """The flat step for `entries` under `opt`'s configuration (everything but lr is a compile-time constant)."""
-    n = len(entries)
+    """The flat step for `entries` under `opt`'s configuration (everything but lr is a compile-time constant).
+
+    Members of `packs` are cut out of their packed buffers, updated like any variable, and packed again (members
+    without a gradient pass through unchanged); `fuse-moments` turns that into one update per pack."""
+    loose = _loose(entries, packs)
     ngrad_args = sum(1 if e.sparse_rows is None else 2 for e in entries)
-    nslots = sum(len(e.slots) for e in entries)
-    use_ema = opt.use_ema
+    nvars = len(packs) + len(loose)
+    nslots = len(packs) * len(pack_slots) + sum(len(e.slots) for e in loose)
 
     def step(*flat: jax.Array) -> tuple[jax.Array, ...]:
-        variables = list(flat[:n])
-        grad_args = list(flat[n:n + ngrad_args])
-        slot_args = list(flat[n + ngrad_args:n + ngrad_args + nslots])
-        iterations = flat[n + ngrad_args + nslots]
-        lr = schedule(iterations) if schedule is not None else flat[n + ngrad_args + nslots + 1]
+        var_args = list(flat[:nvars])
+        grad_args = list(flat[nvars:nvars + ngrad_args])
+        slot_args = list(flat[nvars + ngrad_args:nvars + ngrad_args + nslots])
+        iterations = flat[nvars + ngrad_args + nslots]
+        lr = schedule(iterations) if schedule is not None else flat[nvars + ngrad_args + nslots + 1]
         lr = jnp.asarray(lr, jnp.float32)
 
-        raw, indices, k = [], [], 0
-        for e in entries:
-            # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm
-            # of 256, which would turn every gradient into NaN (global) or zero (per tensor).
-            raw.append(grad_args[k].astype(compute_dtype(e.dtype)))
-            indices.append(None if e.sparse_rows is None else grad_args[k + 1])
-            k += 1 if e.sparse_rows is None else 2
-        clipped = clipping.clip_gradients(raw, opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
-
-        slots_of, k = [], 0
-        for e in entries:
-            slots_of.append(dict(zip(e.slots, slot_args[k:k + len(e.slots)], strict=True)))
+        variables: dict[str, jax.Array] = {}
+        slots: dict[str, dict[str, jax.Array]] = {}
+        for p, packed in zip(packs, var_args, strict=False):
+            for i, m in enumerate(p.members):
+                variables[m.name] = p.unpack(packed, i)
+        k = len(packs) * len(pack_slots)
+        for pi, p in enumerate(packs):
+            for i, m in enumerate(p.members):
+                slots[m.name] = {s: p.unpack(slot_args[pi * len(pack_slots) + si], i)
+                                 for si, s in enumerate(pack_slots)}
+        for e, var in zip(loose, var_args[len(packs):], strict=True):
+            variables[e.name] = var
+            slots[e.name] = dict(zip(e.slots, slot_args[k:k + len(e.slots)], strict=True))
             k += len(e.slots)
 
-        new_vars, new_slots = [], []
-        for e, var, g, idx, slots in zip(entries, variables, clipped, indices, slots_of, strict=True):
-            ct = compute_dtype(e.dtype)
-            t = (iterations + 1).astype(ct)
-            lr_c = lr.astype(ct)
-            var_c = var.astype(ct)
-            state = {s: slots[s].astype(ct) for s in e.slots if s != EMA_SLOT}
-            if idx is None:
-                g_c = jnp.broadcast_to(g.astype(ct), e.shape)
-            else:
-                g_c = _densify(g.astype(ct), idx, e.shape)
-            if opt.weight_decay is not None:
-                var_c = var_c - (var_c * jnp.asarray(np.float32(opt.weight_decay), ct)) * lr_c
-            if idx is None:
-                var_c, state = opt.update_dense(var_c, g_c, state, lr_c, t)
-            else:
-                var_c, state = opt.update_sparse(var_c, g_c, state, lr_c, t)
-            out_slots = {s: v.astype(e.dtype) for s, v in state.items()}
-            if use_ema:
-                avg = slots[EMA_SLOT].astype(ct)
-                avg = jnp.asarray(opt.ema_momentum, ct) * avg + jnp.asarray(1 - opt.ema_momentum, ct) * var_c
-                if opt.ema_overwrite_frequency:
-                    overwrite = (iterations + 1) % opt.ema_overwrite_frequency == 0
-                    var_c = jnp.where(overwrite, avg, var_c)
-                out_slots[EMA_SLOT] = avg.astype(e.dtype)
-            new_vars.append(var_c.astype(e.dtype))
-            new_slots.extend(out_slots[s] for s in e.slots)
-        return (*new_vars, *new_slots, iterations + 1, lr)
+        new_vars, new_slots = _update_entries(opt, entries, variables, grad_args, slots, iterations, lr)
+        variables.update(new_vars)
+        for name, updated in new_slots.items():
+            slots[name] = updated
+        out_vars = [p.pack([variables[m.name] for m in p.members]) for p in packs]
+        out_vars += [variables[e.name] for e in loose]
+        out_slots = [p.pack([slots[m.name][s] for m in p.members]) for p in packs for s in pack_slots]
+        out_slots += [slots[e.name][s] for e in loose for s in e.slots]
+        return (*out_vars, *out_slots, iterations + 1, lr)
 
     return step
+
+
+def _update_entries(opt: Optimizer, entries: list[StepEntry], variables: dict[str, jax.Array],
+                    grad_args: list[jax.Array], slots: dict[str, dict[str, jax.Array]], iterations: jax.Array,
+                    lr: jax.Array) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
+    """Clipping, densifying, weight decay, the definition's update and EMA for every entry (by name)."""
+    raw, indices, k = [], [], 0
+    for e in entries:
+        # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm
+        # of 256, which would turn every gradient into NaN (global) or zero (per tensor).
+        raw.append(grad_args[k].astype(compute_dtype(e.dtype)))
+        indices.append(None if e.sparse_rows is None else grad_args[k + 1])
+        k += 1 if e.sparse_rows is None else 2
+    clipped = clipping.clip_gradients(raw, opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
+
+    new_vars: dict[str, jax.Array] = {}
+    new_slots: dict[str, dict[str, jax.Array]] = {}
+    for e, g, idx in zip(entries, clipped, indices, strict=True):
+        var, own_slots = variables[e.name], slots[e.name]
+        ct = compute_dtype(e.dtype)
+        t = (iterations + 1).astype(ct)
+        lr_c = lr.astype(ct)
+        var_c = var.astype(ct)
+        state = {s: own_slots[s].astype(ct) for s in e.slots if s != EMA_SLOT}
+        if idx is None:
+            g_c = jnp.broadcast_to(g.astype(ct), e.shape)
+        else:
+            g_c = _densify(g.astype(ct), idx, e.shape)
+        if opt.weight_decay is not None:
+            var_c = var_c - (var_c * jnp.asarray(np.float32(opt.weight_decay), ct)) * lr_c
+        if idx is None:
+            var_c, state = opt.update_dense(var_c, g_c, state, lr_c, t)
+        else:
+            var_c, state = opt.update_sparse(var_c, g_c, state, lr_c, t)
+        out_slots = {s: v.astype(e.dtype) for s, v in state.items()}
+        if opt.use_ema:
+            avg = own_slots[EMA_SLOT].astype(ct)
+            avg = jnp.asarray(opt.ema_momentum, ct) * avg + jnp.asarray(1 - opt.ema_momentum, ct) * var_c
+            if opt.ema_overwrite_frequency:
+                overwrite = (iterations + 1) % opt.ema_overwrite_frequency == 0
+                var_c = jnp.where(overwrite, avg, var_c)
+            out_slots[EMA_SLOT] = avg.astype(e.dtype)
+        new_vars[e.name] = var_c.astype(e.dtype)
+        new_slots[e.name] = out_slots
+    return new_vars, new_slots

@@ -39,10 +39,17 @@ class Variable:
             self._layout.validate(value.shape, f"variable {self.name!r}")
             value = jax.device_put(value, self._layout.to_named_sharding())
         self._value: jax.Array = value
+        self._view: tuple[Any, int] | None = None  # (PackedBuffer, member index) once the optimizer packs it
 
     @property
     def value(self) -> jax.Array:
-        return self._value
+        return self._value if self._view is None else self._view[0].member(self._view[1])
+
+    def _attach(self, buffer: Any, index: int) -> None:
+        """Makes this variable a view of member `index` of a packed buffer (see `frontend/packed_state.py`)."""
+        self._view = (buffer, index)
+        self._value = jax.ShapeDtypeStruct(self._value.shape, self._value.dtype,
+                                           sharding=buffer.member_shardings[index])
 
     @property
     def layout(self) -> Layout | None:
@@ -62,6 +69,8 @@ class Variable:
 
     def place(self, layout: Layout) -> None:
         """Gives the variable `layout` and moves its value there (used by `Optimizer.build`)."""
+        if self._view is not None:
+            raise RuntimeError(f"variable {self.name!r} is part of an optimizer's packed state; its layout is fixed")
         layout.validate(self.shape, f"variable {self.name!r}")
         self._layout = layout
         self._value = jax.device_put(self._value, layout.to_named_sharding())
@@ -69,21 +78,24 @@ class Variable:
     def assign(self, value: Any) -> Variable:
         """Replaces the value (same shape and dtype), keeping the layout."""
         new = jnp.asarray(value, dtype=self.dtype)
-        if new.shape != self._value.shape:
+        if new.shape != self.shape:
             raise ValueError(f"cannot assign a value of shape {new.shape} to variable {self.name!r} "
                              f"of shape {self.shape}")
-        self._set(jax.device_put(new, self._value.sharding) if self._layout is not None else new)
+        self._set(jax.device_put(new, self.sharding) if self._layout is not None else new)
         return self
 
     def _set(self, array: jax.Array) -> None:
         """Stores a new value computed by a compiled step (already in the right place)."""
-        self._value = array
+        if self._view is None:
+            self._value = array
+        else:
+            self._view[0].write_member(self._view[1], array)
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self._value)
+        return np.asarray(self.value)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = np.asarray(self._value)
+        arr = np.asarray(self.value)
         return arr.astype(dtype) if dtype is not None else arr
 
     def __repr__(self) -> str:

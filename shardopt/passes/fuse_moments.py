@@ -5,9 +5,24 @@ replace the variable and its slots, down to *leaves*: tensors (the variable, slo
 gradient), splat constants, broadcasts of scalars (learning-rate factors, the clip scale) and rank-0 operands
 (a `select` predicate). Units whose op DAGs are isomorphic (same ops, attributes, element types and wiring, so the
 same dtype) and whose layouts pack the same way form a group. For each group the pass packs every tensor leaf
-into one tensor, runs the chain once on the packed tensors, slices each result back to its variable's shape and
-rewires `func.return`; `cleanup` then deletes the dead per-variable ops. Elementwise math on packed data is
-bitwise the same as per variable.
+into one tensor, runs the chain once on the packed tensors and slices each result back to its variable; `cleanup`
+then deletes the dead per-variable ops. Elementwise math on packed data is bitwise the same as per variable.
+
+Where the results go decides whether fusing pays:
+- **Packed state** (frontend/packing.py, what `apply_gradients` runs): a pack's variables and slots arrive as one
+  buffer each, members are cut out (`slice`, `reshape`) and the results are packed again (`concatenate`). A unit
+  is one member (a piece of those concatenates; jax's concatenate trees are flattened first). After fusing, the
+  pass folds `concatenate` of consecutive slices into the sliced buffer itself, so the cut-outs of the state and
+  the re-packing disappear: one chain reads the packed state and its result *is* the packed result. Only the
+  gradients (one buffer per variable) are concatenated. On XLA:CPU that is 3 loop kernels per group instead of
+  3 per variable and 3 result buffers instead of 3 per variable.
+- **One result buffer per variable** (`compile()`'s calling convention): XLA:CPU writes every result buffer with
+  its own loop kernel (no multi-output loop fusion), so after fusing it re-fuses the packed chain into one kernel
+  per slice and materialises the concatenated inputs: more bytes, temp memory and compile time. Measured (2000 x
+  f32[3700], one device): 6002 -> 6003 loop kernels, 0 -> 118 MB temp, XLA compile 13 s -> 157 s, step about 4x
+  slower; GPT-2 small on the 2x4 mesh: step about 6x slower. So `fuse-moments` leaves such units alone
+  ("results not packed") and the registered variant `fuse-moments-unpacked` fuses them too, for tests that pin
+  this XLA behaviour (tests/test_pass_fuse_moments.py).
 
 Packing keeps every device's data local (no transposes, no collectives):
 - replicated layouts: flatten each tensor and concatenate (`[n]`);
@@ -18,17 +33,6 @@ Packing keeps every device's data local (no transposes, no collectives):
   the same sizes and shardings (every device's block of the result is the concatenation of its blocks);
 - layouts without an unsharded dimension (e.g. `[batch, model]`) are left unfused and counted.
 Packed tensors and packed results carry `sdy.sharding_constraint`s with those layouts.
-
-Why it is not in DEFAULT_PIPELINE: XLA:CPU writes every result buffer with its own loop kernel (it has no
-multi-output loop fusion by default), and the step returns one buffer per variable and slot. So after this
-pass XLA re-fuses the packed chain into one kernel per slice (still 3 kernels per Adam variable, as unfused)
-and materialises the concatenated inputs, which adds bytes, temp memory and compile time instead of removing
-them. Measured (per-variable calling convention, one XLA:CPU device for 2000 x f32[3700]; 2x4 mesh for GPT-2):
-2000 x f32[3700]: 6002 -> 6003 loop kernels, 0 -> 118 MB temp, XLA compile 13 s -> 157 s, step about 4x
-slower; GPT-2 small on the mesh: 446 -> 451 kernels, 0 -> 463 MB temp, step about 6x slower. The pass is
-correct (bitwise, no new collectives) and ready for a calling convention that exchanges state packed, where
-the slices disappear; `tests/test_pass_fuse_moments.py` pins the current XLA behaviour so that it is noticed
-when it changes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt.frontend.convention import SLOT, VARIABLE
+from shardopt.frontend.packing import PACK_PREFIX
 from shardopt.passes import fusion_ir as fir
 from shardopt.passes.base import PassError
 
@@ -59,14 +64,32 @@ class Node:
 
 @dataclass
 class Unit:
-    """The update of one variable: its DAG and the `func.return` positions of its results."""
+    """The update of one variable: its DAG and where its results go (sinks: `func.return` or a pack's concat)."""
 
     name: str
     shape: list[int]
     layout: tuple[Any, ...]
     nodes: list[Node] = field(default_factory=list)
-    roots: list[tuple[str, int, int]] = field(default_factory=list)  # (result key, return index, node index)
+    roots: list[tuple[str, int, int]] = field(default_factory=list)  # (result key, sink index, node index)
     fingerprint: str = ""
+    packed: bool = False                                              # results go into packed buffers
+
+
+@dataclass(frozen=True)
+class Sink:
+    """An operand slot that receives one variable's new value: `op.operands[index]`, of shape `shape`."""
+
+    op: ir.Operation
+    index: int
+    shape: tuple[int, ...]
+
+    def value(self) -> ir.Value:
+        """The per-variable value flowing in (through sharding constraints and a packing reshape)."""
+        value = fir.look_through(self.op.operands[self.index])
+        producer = fir.op_of(value)
+        if self.op.name == "stablehlo.concatenate" and producer is not None and producer.name == "stablehlo.reshape":
+            value = fir.look_through(producer.operands[0])
+        return value
 
 
 @dataclass(frozen=True)
@@ -107,18 +130,25 @@ class FuseMoments:
 
     NAME: ClassVar[str] = "fuse-moments"
     max_group: ClassVar[int] = 0  # 0: no limit on the variables per group
+    unpacked_results: ClassVar[bool] = False  # also fuse variables returned in buffers of their own
+
 
     def run(self, module: ir.Module) -> dict[str, Any]:
         fir.run_textual(module, "cse")  # one value per shared scalar (lr factors, clip scale), so groups share it
         ops_before = sum(sir.op_counts(module).values())
         fn = sir.main_func(module)
+        fir.flatten_concatenates(fn)
         block = fn.regions[0].blocks[0]
         ret = list(block.operations)[-1].operation
         mesh = sir.mesh_axes(module)
         skipped: Counter[str] = Counter()
-        units = self._units(fn, ret, skipped)
+        sinks: list[Sink] = []
+        units = self._units(fn, ret, sinks, skipped)
         groups: dict[tuple[str, str], list[tuple[Unit, Packing]]] = {}
         for unit in units.values():
+            if not unit.packed and not self.unpacked_results:
+                skipped["results not packed"] += len(unit.roots)
+                continue
             packing, pack_key = packing_for(unit.shape, unit.layout, mesh)
             if packing is None:
                 skipped["no unsharded dimension"] += len(unit.roots)
@@ -126,28 +156,40 @@ class FuseMoments:
             groups.setdefault((unit.fingerprint, pack_key), []).append((unit, packing))
         sizes: Counter[int] = Counter()
         fused_groups = packed_leaves = 0
+        position = {op.operation: i for i, op in enumerate(block.operations)}
+        chunks = []
         for members in groups.values():
             limit = self.max_group or len(members)
             for i in range(0, len(members), limit):
                 chunk = members[i:i + limit]
                 sizes[len(chunk)] += 1
                 if len(chunk) > 1:
-                    with ir.InsertionPoint(ret), ret.location:
-                        packed_leaves += _fuse(chunk, ret)
-                    fused_groups += 1
+                    # The packed chain goes before the first op that takes one of its results (a pack's concat
+                    # or the return); everything it reads is defined before that. Found before any rewriting.
+                    anchor = min((sinks[j].op for u, _ in chunk for _, j, _ in u.roots), key=position.__getitem__)
+                    chunks.append((chunk, anchor))
+        for chunk, anchor in chunks:
+            with ir.InsertionPoint(anchor), ret.location:
+                packed_leaves += _fuse(chunk, ret, sinks)
+            fused_groups += 1
+        folded = 0
+        if fused_groups:
+            fir.run_textual(module, "canonicalize")  # reshape(reshape(x)) -> x: packed pieces become slices
+            folded = fir.fold_concatenated_slices(sir.main_func(module))
         return {
             "units": len(units),
             "groups": fused_groups,
             "tensors_per_group": {str(k): v for k, v in sorted(sizes.items())},
             "packed_leaves": packed_leaves,
+            "pack_copies_folded": folded,
             "results_unfused": dict(skipped),
             "ops_before": ops_before,
             "ops_after": sum(sir.op_counts(module).values()),
         }
 
     @staticmethod
-    def _units(fn: Any, ret: ir.Operation, skipped: Counter[str]) -> dict[str, Unit]:
-        units: dict[str, Unit] = {}
+    def _units(fn: Any, ret: ir.Operation, sinks: list[Sink], skipped: Counter[str]) -> dict[Any, Unit]:
+        units: dict[Any, Unit] = {}
         for j, attrs in enumerate(sir.result_attrs(fn)):
             role = sir.string_attr(attrs.get("shardopt.role"))
             name = sir.string_attr(attrs.get("shardopt.name")) or ""
@@ -158,26 +200,50 @@ class FuseMoments:
             if owner is None or layout is None:
                 raise PassError(f"result {name or j}: no owner or closed layout; run propagate-layouts first")
             key = "variable" if role == VARIABLE else name.split("/", 1)[0]
+            value = fir.look_through(ret.operands[j])
+            concat = fir.op_of(value)
+            if owner.startswith(PACK_PREFIX) and concat is not None and concat.name == "stablehlo.concatenate":
+                # A packed result: each concatenated piece is one member's new value (see frontend/packing.py).
+                for p, piece in enumerate(concat.operands):
+                    sink = Sink(concat, p, tuple(fir.shape_of(piece)))
+                    shape = fir.shape_of(sink.value())
+                    member_layout = tuple(layout[:1]) + (None,) * (len(shape) - 1) if shape else ()
+                    if len(layout) == 1:
+                        member_layout = (None,) * len(shape)
+                    unit = units.setdefault((owner, p), Unit(f"{owner}[{p}]", shape, member_layout, packed=True))
+                    sinks.append(sink)
+                    unit.roots.append((key, len(sinks) - 1, -1))
+                continue
             unit = units.setdefault(owner, Unit(owner, fir.shape_of(ret.operands[j]), layout))
-            unit.roots.append((key, j, -1))
-        good: dict[str, Unit] = {}
-        for unit in units.values():
-            reason = _build(unit, ret)
+            sinks.append(Sink(ret, j, tuple(fir.shape_of(ret.operands[j]))))
+            unit.roots.append((key, len(sinks) - 1, -1))
+        good: dict[Any, Unit] = {}
+        for name, unit in units.items():
+            reason = _build(unit, sinks)
             if reason:
                 skipped[reason] += len(unit.roots)
             else:
-                good[unit.name] = unit
+                good[name] = unit
         return good
 
 
-def _build(unit: Unit, ret: ir.Operation) -> str:
+
+class FuseMomentsUnpacked(FuseMoments):
+    """`fuse-moments` that also fuses variables whose results are returned one buffer each (slower on XLA:CPU;
+    kept to measure and pin that, see the module docstring)."""
+
+    NAME: ClassVar[str] = "fuse-moments-unpacked"
+    unpacked_results: ClassVar[bool] = True
+
+
+def _build(unit: Unit, sinks: list[Sink]) -> str:
     """Fills `unit.nodes` and its fingerprint; returns why the unit cannot be fused ("" if it can)."""
     unit.roots.sort()
     if not unit.shape:
         return "scalar variable"
     index: dict[ir.Value, int] = {}
     for pos, (key, j, _) in enumerate(unit.roots):
-        value = fir.look_through(ret.operands[j])
+        value = sinks[j].value()
         if fir.shape_of(value) != unit.shape:
             return "result shape differs from its variable"
         root = _visit(unit, value, index)
@@ -222,7 +288,7 @@ def _visit(unit: Unit, top: ir.Value, index: dict[ir.Value, int]) -> int:
     return index[top]
 
 
-def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation) -> int:
+def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink]) -> int:
     """Emits the packed chain for `chunk` before `ret` and rewires its results; returns the packed leaves."""
     units = [u for u, _ in chunk]
     packing = chunk[0][1]
@@ -270,7 +336,8 @@ def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation) -> int:
             offset += piece[dim]
             part = hlo.slice(result, start, limit, [1] * len(piece))
             elt = fir.element_type(part)
-            if piece != u.shape:
-                part = hlo.reshape(ir.RankedTensorType.get(u.shape, elt), part)
-            ret.operands[u.roots[r][1]] = part
+            sink = sinks[u.roots[r][1]]
+            if list(sink.shape) != list(piece):
+                part = hlo.reshape(ir.RankedTensorType.get(list(sink.shape), elt), part)
+            sink.op.operands[sink.index] = part
     return leaves

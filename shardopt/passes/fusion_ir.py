@@ -210,3 +210,110 @@ def add_body(op: ir.Operation, elt: ir.Type, count: int) -> None:
     with ir.InsertionPoint(body):
         args = list(body.arguments)
         hlo.ReturnOp([hlo.add(args[k], args[count + k]) for k in range(count)])
+
+
+def _through_reshapes(value: ir.Value) -> ir.Value:
+    """The deepest value of the same shape under a chain of reshapes and sharding constraints (a piece cut out of
+    a packed buffer comes back as reshape(reshape(slice)))."""
+    best, shape, op = value, shape_of(value), op_of(value)
+    while op is not None and op.name in ("stablehlo.reshape", CONSTRAINT):
+        value = op.operands[0]
+        if shape_of(value) == shape:
+            best = value
+        op = op_of(value)
+    return best
+
+
+def _slice_parts(value: ir.Value, dim: int) -> tuple[ir.Value, int, int] | None:
+    """(source, start, limit) along `dim` if `value` is a unit-stride slice taking all of every other dim."""
+    op = op_of(_through_reshapes(value))
+    if op is None or op.name != "stablehlo.slice":
+        return None
+    source = op.operands[0]
+    start = list(ir.DenseI64ArrayAttr(op.attributes["start_indices"]))
+    limit = list(ir.DenseI64ArrayAttr(op.attributes["limit_indices"]))
+    strides = list(ir.DenseI64ArrayAttr(op.attributes["strides"]))
+    full = shape_of(source)
+    if any(s != 1 for s in strides) or any(
+            (start[d], limit[d]) != (0, full[d]) for d in range(len(full)) if d != dim):
+        return None
+    return source, start[dim], limit[dim]
+
+
+def fold_concatenated_slices(fn: Any) -> int:
+    """Rewrites `concatenate(slice(x, a:b), slice(x, b:c), ...)` runs into one slice, and into `x` itself when
+    they cover it: packing the pieces a packed buffer was cut into is no copy. Returns the runs merged."""
+    folded = 0
+    for op in list(fn.regions[0].blocks[0].operations):
+        op = op.operation
+        if op.name != "stablehlo.concatenate":
+            continue
+        dim = ir.IntegerAttr(op.attributes["dimension"]).value
+        merged: list[ir.Value] = []
+        runs: list[tuple[ir.Value, int, int] | None] = []
+        changed = False
+        for value in op.operands:
+            parts = _slice_parts(value, dim)
+            last = runs[-1] if runs else None
+            if parts and last and parts[0] == last[0] and parts[1] == last[2]:
+                runs[-1] = (last[0], last[1], parts[2])
+                merged[-1] = None  # rebuilt below
+                changed = True
+                continue
+            runs.append(parts)
+            merged.append(value)
+        if not changed:
+            continue
+        operands = []
+        with ir.InsertionPoint(op), op.location:
+            for value, run in zip(merged, runs, strict=True):
+                if value is not None:
+                    operands.append(value)
+                    continue
+                source, start, limit = run
+                full = shape_of(source)
+                if (start, limit) == (0, full[dim]):
+                    operands.append(source)
+                    continue
+                lo, hi = [0] * len(full), list(full)
+                lo[dim], hi[dim] = start, limit
+                operands.append(hlo.slice(source, lo, hi, [1] * len(full)))
+            if len(operands) == 1:
+                op.results[0].replace_all_uses_with(operands[0])
+            else:
+                new = hlo.ConcatenateOp(operands, dim)
+                op.results[0].replace_all_uses_with(new.result)
+        op.erase()
+        folded += 1
+    return folded
+
+
+def flatten_concatenates(fn: Any) -> int:
+    """Rewrites `concatenate(a, concatenate(b, c), d)` (same dim) into `concatenate(a, b, c, d)`: jax lowers a
+    concatenation of many pieces as a tree of concatenates of at most 16, and a pack's pieces are its members."""
+    flattened = 0
+    for op in list(fn.regions[0].blocks[0].operations):
+        op = op.operation
+        if op.name != "stablehlo.concatenate":
+            continue
+        dim = ir.IntegerAttr(op.attributes["dimension"]).value
+        operands: list[ir.Value] = []
+        stack = list(reversed(list(op.operands)))
+        nested = False
+        while stack:
+            value = stack.pop()
+            inner = op_of(value)
+            if (inner is not None and inner.name == "stablehlo.concatenate"
+                    and ir.IntegerAttr(inner.attributes["dimension"]).value == dim):
+                stack.extend(reversed(list(inner.operands)))
+                nested = True
+            else:
+                operands.append(value)
+        if not nested:
+            continue
+        with ir.InsertionPoint(op), op.location:
+            new = hlo.ConcatenateOp(operands, dim)
+        op.results[0].replace_all_uses_with(new.result)
+        op.erase()
+        flattened += 1
+    return flattened
