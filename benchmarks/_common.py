@@ -451,12 +451,10 @@ def convention_args(exe: Any, opt: Any, by_name: dict[str, Any], grad_by_name: d
 
     out: list[Any] = []
     for spec in exe.convention.args:
-        if spec.role == VARIABLE:
-            out.append(by_name[spec.name].value)
+        if spec.role in (VARIABLE, SLOT):
+            out.append(opt.state_holder(spec.name).value)  # a variable, a slot, or a packed buffer
         elif spec.role == GRADIENT:
             out.append(grad_by_name[spec.owner])
-        elif spec.role == SLOT:
-            out.append(opt.get_slot(by_name[spec.owner], spec.name[: -len(spec.owner) - 1]).value)
         elif spec.role == COUNTER:
             out.append(opt.iterations.value)
         elif spec.role == HYPERPARAMETER:

@@ -119,10 +119,8 @@ class ShardoptApply(Case):
     def write_back(self, outs: list[jax.Array]) -> None:
         """A direct call's results into the optimizer (its donated arrays are gone)."""
         for spec, value in zip(self.exe.convention.results, outs, strict=True):
-            if spec.role == VARIABLE:
-                self.by_name[spec.name]._set(value)
-            elif spec.role == SLOT:
-                self.opt.get_slot(self.by_name[spec.owner], spec.name[: -len(spec.owner) - 1])._set(value)
+            if spec.role in (VARIABLE, SLOT):
+                self.opt.state_holder(spec.name)._set(value)  # a variable, a slot, or a packed buffer
             elif spec.role == COUNTER:
                 self.opt.iterations._set(value)
 

@@ -17,38 +17,29 @@ import numpy as np
 from jax.sharding import Mesh
 
 from shardopt.compiler import StepProgram, compile_step
-from shardopt.frontend import options, schedules
-from shardopt.frontend.layout import Layout, as_layout, auto_mesh, default_mesh, same_mesh
-from shardopt.frontend.packed_state import PackedState, pack_state
+from shardopt.frontend import options
+from shardopt.frontend.functional_compile import compile_functional
+from shardopt.frontend.gradients import dense_entry, gradient_entry
+from shardopt.frontend.hyperparameters import HyperparameterMixin
+from shardopt.frontend.optimizer_state import StateMixin
+from shardopt.frontend.packed_state import PackedState
 from shardopt.frontend.packing import PACK_MAX_ELEMENTS, PackGroup
 from shardopt.frontend.step import (
-    EMA_SLOT,
     StepEntry,
     build_convention,
     compute_dtype,
-    counter_dtype,
     make_step_fn,
 )
-from shardopt.frontend.variables import IndexedSlices, Variable, VariableSpec
+from shardopt.frontend.variables import Variable
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
-from shardopt.runtime.functional import SLOT_INIT_FROM_VARIABLE, SLOT_INIT_ZEROS, FunctionalStep, path_name
+from shardopt.runtime.functional import FunctionalStep
 
 log = logging.getLogger("shardopt")
 
 State = dict[str, jax.Array]
 
 
-def _gradient_array(grad: Any, var: Variable) -> jax.Array:
-    """`grad` as a jax array of the variable's dtype. The dtype checked is the one `grad` arrives with: without
-    jax x64, `jnp.asarray` would silently narrow a numpy float64 gradient for a float32 variable."""
-    dtype = np.dtype(grad.dtype) if hasattr(grad, "dtype") else None
-    g = grad if isinstance(grad, jax.Array) else jnp.asarray(grad)
-    if (dtype or g.dtype) != var.dtype:
-        raise TypeError(f"gradient for {var.name!r} has dtype {dtype or g.dtype}, the variable {var.dtype}")
-    return g
-
-
-class Optimizer:
+class Optimizer(StateMixin, HyperparameterMixin):
     """Base class of shardopt optimizers (tf-keras's `Optimizer` API, compiled per gradient signature)."""
 
     def __init__(
@@ -104,144 +95,7 @@ class Optimizer:
         # Small variables and their slots live packed between steps (see frontend/packing.py); 0 turns it off.
         self.pack_max_elements = PACK_MAX_ELEMENTS
         self._packed: PackedState | None = None
-
-    # ----- hyperparameters -------------------------------------------------------------------------------
-    def _build_learning_rate(self, learning_rate: Any) -> Any:
-        return options.learning_rate_value(learning_rate)
-
-    @property
-    def learning_rate(self) -> jax.Array:
-        """The current learning rate (for a schedule: its value at the last step, as tf-keras reports it)."""
-        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
-            if self._current_lr is None:
-                self._current_lr = jnp.asarray(self._learning_rate(int(self.iterations.value)), jnp.float32)
-            return self._current_lr
-        return jnp.asarray(self._learning_rate, jnp.float32)
-
-    @learning_rate.setter
-    def learning_rate(self, value: Any) -> None:
-        if isinstance(value, schedules.LearningRateSchedule):
-            self._learning_rate, self._current_lr = value, None
-            return
-        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
-            raise TypeError("This optimizer was created with a `LearningRateSchedule` object as its "
-                            "`learning_rate` constructor argument, hence its learning rate is not settable. If "
-                            "you need the learning rate to be settable, you should instantiate the optimizer "
-                            "with a float `learning_rate` argument.")
-        self._learning_rate = options.learning_rate_value(value)
-        self._lr_array = None
-
-    lr = learning_rate
-
-    @property
-    def iterations(self) -> Variable:
-        """The step counter (int64 with jax x64 enabled, int32 otherwise)."""
-        if self._iterations is None:
-            self._iterations = Variable(np.asarray(0, counter_dtype()), name="iteration")
-        return self._iterations
-
-    @iterations.setter
-    def iterations(self, value: Any) -> None:
-        if self._built:
-            raise RuntimeError("Cannot set `iterations` to a new Variable after the Optimizer weights have "
-                               "been created. Here it is attempting to set `iterations` after build().")
-        raw = value.value if isinstance(value, Variable) else value
-        self._iterations = Variable(np.asarray(raw, counter_dtype()), name="iteration")
-
-    @property
-    def variables(self) -> list[Variable]:
-        """The optimizer's state in Keras order: iteration, averages, then the definition's slots."""
-        return [self.iterations, *self._variables]
-
-    # ----- state -----------------------------------------------------------------------------------------
-    def slot_names(self) -> tuple[str, ...]:
-        """The definition's slots, in the order `build` adds them."""
-        return ()
-
-    def _resolve_mesh(self, var_list: Sequence[Variable]) -> Mesh:
-        if self.mesh is not None:
-            return self.mesh
-        for v in var_list:
-            if v.layout is not None:
-                return v.layout.mesh
-        return default_mesh()
-
-    def build(self, var_list: Sequence[Variable]) -> None:
-        """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
-        if self._built:
-            return
-        var_list = list(var_list)
-        mesh = self._resolve_mesh(var_list)
-        for v in var_list:
-            if not isinstance(v, Variable):
-                raise TypeError(f"expected shardopt.Variable, got {type(v).__name__}")
-            if not jnp.issubdtype(v.dtype, jnp.floating):
-                raise TypeError(f"variable {v.name!r} has dtype {v.dtype}: optimizers update floating point "
-                                "variables only")
-            if v.layout is None:
-                v.place(Layout.replicated(mesh, len(v.shape)))
-            elif not same_mesh(auto_mesh(v.layout.mesh), auto_mesh(mesh)):
-                raise ValueError(f"variable {v.name!r} is laid out on a different mesh ({v.layout}) than the "
-                                 f"optimizer's mesh {dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))}")
-        self.mesh = mesh
-        it = self.iterations
-        it.place(Layout.replicated(mesh, 0))
-        self._model_variables = var_list
-        self._index = {id(v): i for i, v in enumerate(var_list)}
-        self._slots = [{} for _ in var_list]
-        self._built = True
-        if self.use_ema:
-            for v in var_list:
-                self.add_variable_from_reference(v, EMA_SLOT, initial_value=v.value)
-
-    def add_variable(self, shape: Sequence[int], dtype: Any = None, initializer: str = "zeros",
-                     name: str | None = None) -> Variable:
-        """A replicated optimizer variable (e.g. a scalar accumulator)."""
-        if initializer not in ("zeros", "ones"):
-            raise ValueError(f"initializer must be 'zeros' or 'ones', got {initializer!r}")
-        fill = np.zeros if initializer == "zeros" else np.ones
-        var = Variable(fill(tuple(shape), dtype or np.float32), name=name,
-                       layout=Layout.replicated(self.mesh or default_mesh(), len(shape)))
-        self._variables.append(var)
-        return var
-
-    def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
-                                    shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
-        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given)."""
-        shape = tuple(model_variable.shape if shape is None else shape)
-        layout = model_variable.layout if shape == model_variable.shape else None
-        if layout is None:
-            layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
-        if initial_value is None:
-            init = jnp.zeros(shape, model_variable.dtype, device=layout.to_named_sharding())
-        else:
-            init = jnp.array(initial_value, dtype=model_variable.dtype, copy=True)
-        slot = Variable(init, name=f"{variable_name}/{model_variable.name}", layout=layout)
-        self._variables.append(slot)
-        if id(model_variable) in self._index:
-            self._slots[self._index[id(model_variable)]][variable_name] = slot
-        return slot
-
-    def get_slot(self, var: Variable, slot_name: str) -> Variable:
-        """The slot `slot_name` ("m", "v", "vhat", "average", ...) of `var`."""
-        index = self._var_index(var)
-        try:
-            return self._slots[index][slot_name]
-        except KeyError:
-            raise KeyError(f"variable {var.name!r} has no slot {slot_name!r}; slots: "
-                           f"{sorted(self._slots[index])}") from None
-
-    def _var_index(self, var: Variable) -> int:
-        try:
-            return self._index[id(var)]
-        except KeyError:
-            raise KeyError(f"The optimizer cannot recognize variable {getattr(var, 'name', var)}. This usually "
-                           "means you are trying to call the optimizer to update different parts of the model "
-                           "separately. Please call `optimizer.build(variables)` with the full list of "
-                           "trainable variables before the training loop.") from None
-
-    def _entry_slots(self) -> tuple[str, ...]:
-        return self.slot_names() + ((EMA_SLOT,) if self.use_ema else ())
+        self._step_scalars: dict[Any, Any] | None = None  # set while a step is traced: see `step_scalar`
 
     # ----- the definition's math (override) --------------------------------------------------------------
     def update_dense(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
@@ -249,85 +103,21 @@ class Optimizer:
         """One variable's update, in its compute dtype; returns the new variable and slots."""
         raise NotImplementedError
 
+    def step_scalar(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A value every variable's update shares (e.g. bias corrections of one dtype), traced once per step
+        instead of once per variable; `key` must name everything `compute` depends on."""
+        if self._step_scalars is None:
+            return compute()
+        if key not in self._step_scalars:
+            self._step_scalars[key] = compute()
+        return self._step_scalars[key]
+
     def update_sparse(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
                       ) -> tuple[jax.Array, State]:
         """The update for a de-duplicated sparse gradient given densely (zero rows elsewhere)."""
         return self.update_dense(var, grad, state, lr, t)
 
     # ----- applying gradients ----------------------------------------------------------------------------
-    def _schedule(self) -> schedules.LearningRateSchedule | None:
-        lr = self._learning_rate
-        return lr if isinstance(lr, schedules.LearningRateSchedule) else None
-
-    def _lr_input(self) -> jax.Array:
-        if self._lr_array is None:
-            self._lr_array = jax.device_put(np.float32(self._learning_rate),
-                                            Layout.replicated(self.mesh, 0).to_named_sharding())
-        return self._lr_array
-
-    def _gradient_entry(self, grad: Any, var: Variable) -> tuple[StepEntry, list[Any]]:
-        """Validates one gradient against its variable; returns the step entry and the arrays to pass."""
-        layout = var.layout.to_partition_spec()
-        lay = tuple(layout) + (None,) * (len(var.shape) - len(layout))
-        slots = self._entry_slots()
-        if isinstance(grad, IndexedSlices):
-            values = _gradient_array(grad.values, var)
-            indices = jnp.asarray(grad.indices)
-            if grad.dense_shape is not None and tuple(np.asarray(grad.dense_shape).tolist()) != var.shape:
-                raise ValueError(f"IndexedSlices for {var.name!r} has dense_shape {tuple(np.asarray(grad.dense_shape))}"
-                                 f", the variable has shape {var.shape}")
-            if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
-                raise TypeError(f"IndexedSlices for {var.name!r}: indices must be a 1-D integer array")
-            if values.shape != (indices.shape[0], *var.shape[1:]):
-                raise ValueError(f"IndexedSlices for {var.name!r}: values of shape {values.shape} do not match "
-                                 f"{indices.shape[0]} rows of a variable of shape {var.shape}")
-            if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= var.shape[0]):
-                raise ValueError(f"IndexedSlices for {var.name!r}: indices must be in [0, {var.shape[0]}), got "
-                                 f"[{int(indices.min())}, {int(indices.max())}]")
-            entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
-                              index_dtype=str(indices.dtype))
-            return entry, [values, indices]
-        g = _gradient_array(grad, var)
-        gshape = tuple(g.shape)
-        if gshape != var.shape:
-            try:
-                ok = np.broadcast_shapes(gshape, var.shape) == var.shape
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"gradient for {var.name!r} has shape {gshape}, which does not broadcast to the "
-                                 f"variable's shape {var.shape}")
-        entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots,
-                          grad_shape=None if gshape == var.shape else gshape)
-        return entry, [g]
-
-    def _dense_entry(self, var: Variable) -> StepEntry:
-        """The step entry of `var` receiving a dense gradient of its own shape."""
-        spec = tuple(var.layout.to_partition_spec())
-        return StepEntry(var.name, var.shape, str(var.dtype), spec + (None,) * (len(var.shape) - len(spec)),
-                         self._entry_slots())
-
-    def _schedule_key(self) -> Any:
-        """What of the learning rate the compiled step depends on: the schedule's config (cached per object)."""
-        schedule = self._schedule()
-        if schedule is None:
-            return (None, self.pipeline)
-        if self._schedule_cache[0] is not schedule:
-            self._schedule_cache = (schedule, repr(schedules.serialize(schedule)))
-        return (self._schedule_cache[1], self.pipeline)
-
-    def _ensure_packed(self) -> PackedState:
-        """Packs the state once, at the first step (after `build`, so definitions have added their slots)."""
-        if self._packed is None:
-            self._packed = pack_state(self._model_variables, self._slots, self._entry_slots(), self.mesh,
-                                      self.pack_max_elements)
-        return self._packed
-
-    def _packs_for(self, entries: Sequence[StepEntry]) -> tuple[int, ...]:
-        """Indices of the packs with at least one member among `entries`."""
-        member_of = self._ensure_packed().member_of
-        return tuple(sorted({member_of[e.name][0] for e in entries if e.name in member_of}))
-
     def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = ()) -> StepProgram:
         key = (entries, packs, self._schedule_key())
         program = self._programs.get(key)
@@ -359,29 +149,33 @@ class Optimizer:
             return self.iterations
         if not self._built:
             self.build([v for _, v in pairs])
-        present = [(g, v) for g, v in pairs if g is not None]
-        for _, v in pairs:
-            self._var_index(v)
-        if not present:
-            raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in pairs]}.")
-        dropped = [v.name for g, v in pairs if g is None]
-        if dropped:
-            log.warning("Gradients do not exist for variables %s when minimizing the loss.", dropped)
+        index_of = self._index
         signature, grad_arrays, indices = [], [], []
-        for g, v in present:
-            index = self._index[id(v)]
+        dropped = []
+        for g, v in pairs:
+            index = index_of.get(id(v))
+            if index is None:
+                self._var_index(v)  # raises tf-keras's "cannot recognize variable" error
+            if g is None:
+                dropped.append(v.name)
+                continue
             indices.append(index)
-            if isinstance(g, jax.Array) and g.dtype == v.dtype and g.shape == v.shape:
+            value = v._value  # the array, or the shape/dtype/sharding of a packed view: no read
+            if isinstance(g, jax.Array) and g.dtype == value.dtype and g.shape == value.shape:
                 signature.append(index)  # the common case: a dense gradient of the variable's shape and dtype
                 grad_arrays.append(g)
             else:
-                entry, arrays = self._gradient_entry(g, v)
+                entry, arrays = gradient_entry(g, v, self._entry_slots())
                 signature.append(entry)
                 grad_arrays.extend(arrays)
+        if not indices:
+            raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in pairs]}.")
+        if dropped:
+            log.warning("Gradients do not exist for variables %s when minimizing the loss.", dropped)
         key = (tuple(signature), self._schedule_key())
         fast = self._fast_programs.get(key)
         if fast is None:
-            entries = [self._dense_entry(self._model_variables[i]) if isinstance(sig, int) else sig
+            entries = [dense_entry(self._model_variables[i], self._entry_slots()) if isinstance(sig, int) else sig
                        for i, sig in zip(indices, signature, strict=True)]
             if self.global_clipnorm and not self.clipnorm and len({e.dtype for e in entries}) > 1:
                 raise TypeError("global_clipnorm needs every gradient to have the same dtype (tf.clip_by_global_norm "
@@ -398,18 +192,6 @@ class Optimizer:
         if schedule is not None:
             self._current_lr = outs[-1]
         return self.iterations
-
-    def _holders(self, indices: list[int], pack_ids: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
-        """What supplies (`.value`) and stores (`._set`) each variable and slot argument of a packed program:
-        the packed buffers of `pack_ids`, then the loose variables of `indices` (the convention's order)."""
-        state = self._ensure_packed()
-        slot_names = self._entry_slots()
-        loose = [i for i in indices if self._model_variables[i].name not in state.member_of]
-        var_holders: list[Any] = [state.variables[p] for p in pack_ids]
-        var_holders += [self._model_variables[i] for i in loose]
-        slot_holders: list[Any] = [state.slots[p][s] for p in pack_ids for s in slot_names]
-        slot_holders += [self._slots[i][s] for i in loose for s in slot_names]
-        return var_holders, slot_holders
 
     def compute_gradients(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],
                           tape: Any = None) -> list[tuple[jax.Array, Variable]]:
@@ -436,7 +218,7 @@ class Optimizer:
         if not self._built:
             self.build([variable])
         index = self._var_index(variable)
-        entry, arrays = self._gradient_entry(gradient, variable)
+        entry, arrays = gradient_entry(gradient, variable, self._entry_slots())
         names = self.slot_names()
         sparse = entry.sparse_rows is not None
         ct = compute_dtype(variable.dtype)
@@ -459,91 +241,14 @@ class Optimizer:
         for s, val in zip(slots, new_slots, strict=True):
             s._set(jax.device_put(val, s.sharding))
 
-    def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:
-        """With EMA, sets each variable to its moving average (tf-keras semantics); otherwise a no-op."""
-        if not self.use_ema:
-            return
-        for v in var_list:
-            v._set(self._slots[self._var_index(v)][EMA_SLOT].value + 0)
-
     def program_for(self, grads_and_vars: Iterable[tuple[Any, Variable]]) -> StepProgram:
         """The compiled step (with every stage's IR) that `apply_gradients` would run for these gradients."""
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
         if not self._built:
             self.build([v for _, v in pairs])
-        return self._packed_program(tuple(self._gradient_entry(g, v)[0] for g, v in pairs))[0]
+        return self._packed_program(tuple(gradient_entry(g, v, self._entry_slots())[0] for g, v in pairs))[0]
 
     def compile(self, specs: Any) -> FunctionalStep:
-        """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data.
-
-        Returns a functional step: `state = step.init(params)`, `params, state = step(params, grads, state)`.
-        This optimizer's own state is not used or changed.
-        """
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(
-            specs, is_leaf=lambda x: isinstance(x, (VariableSpec, Variable)))
-        if not leaves_with_path:
-            raise ValueError("compile() needs at least one variable spec")
-        mesh = self.mesh
-        if mesh is None:
-            layouts = [leaf.layout for _, leaf in leaves_with_path if getattr(leaf, "layout", None) is not None]
-            mesh = as_layout(layouts[0], None, 0).mesh if layouts else default_mesh()
-        entries, names = [], []
-        for path, leaf in leaves_with_path:
-            if not isinstance(leaf, (VariableSpec, Variable)):
-                raise TypeError(f"compile() takes VariableSpec or Variable leaves, got {type(leaf).__name__} at "
-                                f"{path_name(path)}")
-            shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
-            name = leaf.name if isinstance(leaf, Variable) or leaf.name else path_name(path)
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise TypeError(f"variable {name!r} has dtype {dtype}: optimizers update floating point variables")
-            layout = as_layout(leaf.layout, mesh, len(shape)) or Layout.replicated(mesh, len(shape))
-            layout.validate(shape, f"variable {name!r}")
-            if not same_mesh(auto_mesh(layout.mesh), auto_mesh(mesh)):
-                raise ValueError(f"variable {name!r} is laid out on a different mesh than the optimizer's")
-            spec = tuple(layout.to_partition_spec())
-            entries.append(StepEntry(name, shape, str(dtype), spec + (None,) * (len(shape) - len(spec)),
-                                     self._entry_slots()))
-            names.append(name)
-        if len(set(names)) != len(names):
-            raise ValueError(f"variable names must be unique, got duplicates in {names}")
-        saved_mesh, self.mesh = self.mesh, mesh
-        try:
-            program = self._program(tuple(entries))
-        finally:
-            self.mesh = saved_mesh
-        schedule = self._schedule()
-        return FunctionalStep(
-            executable=program.executable, treedef=treedef, names=tuple(names),
-            slot_names=self._entry_slots(),
-            slot_init={s: (SLOT_INIT_FROM_VARIABLE if s == EMA_SLOT else SLOT_INIT_ZEROS) for s in self._entry_slots()},
-            initial_learning_rate=None if schedule is not None else float(self._learning_rate),
-            optimizer_config=self.get_config(), pipeline=tuple(self.pipeline), program=program,
-            optimizer_class=type(self).__name__)
-
-    # ----- config ----------------------------------------------------------------------------------------
-    def _serialized_learning_rate(self) -> Any:
-        lr = self._learning_rate
-        return schedules.serialize(lr) if isinstance(lr, schedules.LearningRateSchedule) else np.float32(lr)
-
-    def get_config(self) -> dict[str, Any]:
-        """tf-keras's keys and values (jit_compile is the effective flag: False without a GPU)."""
-        return {
-            "name": self.name,
-            "weight_decay": self.weight_decay,
-            "clipnorm": self.clipnorm,
-            "global_clipnorm": self.global_clipnorm,
-            "clipvalue": self.clipvalue,
-            "use_ema": self.use_ema,
-            "ema_momentum": self.ema_momentum,
-            "ema_overwrite_frequency": self.ema_overwrite_frequency,
-            "jit_compile": bool(self.jit_compile and jax.default_backend() == "gpu"),
-            "is_legacy_optimizer": False,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Optimizer:
-        """Rebuilds an optimizer from `get_config()` output (a dict learning rate is a serialized schedule)."""
-        config = dict(config)
-        if isinstance(config.get("learning_rate"), dict):
-            config["learning_rate"] = schedules.deserialize(config["learning_rate"])
-        return cls(**config)
+        """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see
+        `functional_compile.compile_functional`): `state = step.init(params)`, `params, state = step(...)`."""
+        return compile_functional(self, specs)

@@ -169,31 +169,43 @@ def _update_entries(opt: Optimizer, entries: list[StepEntry], variables: dict[st
 
     new_vars: dict[str, jax.Array] = {}
     new_slots: dict[str, dict[str, jax.Array]] = {}
-    for e, g, idx in zip(entries, clipped, indices, strict=True):
-        var, own_slots = variables[e.name], slots[e.name]
-        ct = compute_dtype(e.dtype)
-        t = (iterations + 1).astype(ct)
-        lr_c = lr.astype(ct)
-        var_c = var.astype(ct)
-        state = {s: own_slots[s].astype(ct) for s in e.slots if s != EMA_SLOT}
-        if idx is None:
-            g_c = jnp.broadcast_to(g.astype(ct), e.shape)
-        else:
-            g_c = _densify(g.astype(ct), idx, e.shape)
-        if opt.weight_decay is not None:
-            var_c = var_c - (var_c * jnp.asarray(np.float32(opt.weight_decay), ct)) * lr_c
-        if idx is None:
-            var_c, state = opt.update_dense(var_c, g_c, state, lr_c, t)
-        else:
-            var_c, state = opt.update_sparse(var_c, g_c, state, lr_c, t)
-        out_slots = {s: v.astype(e.dtype) for s, v in state.items()}
-        if opt.use_ema:
-            avg = own_slots[EMA_SLOT].astype(ct)
-            avg = jnp.asarray(opt.ema_momentum, ct) * avg + jnp.asarray(1 - opt.ema_momentum, ct) * var_c
-            if opt.ema_overwrite_frequency:
-                overwrite = (iterations + 1) % opt.ema_overwrite_frequency == 0
-                var_c = jnp.where(overwrite, avg, var_c)
-            out_slots[EMA_SLOT] = avg.astype(e.dtype)
-        new_vars[e.name] = var_c.astype(e.dtype)
-        new_slots[e.name] = out_slots
+    per_dtype: dict[np.dtype, tuple[jax.Array, jax.Array]] = {}  # (t, lr) once per compute dtype, not per variable
+    opt._step_scalars = {}
+    try:
+        for e, g, idx in zip(entries, clipped, indices, strict=True):
+            ct = compute_dtype(e.dtype)
+            if ct not in per_dtype:
+                per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
+            new_vars[e.name], new_slots[e.name] = _update_entry(opt, e, variables[e.name], g, idx, slots[e.name],
+                                                                *per_dtype[ct], iterations)
+    finally:
+        opt._step_scalars = None
     return new_vars, new_slots
+
+
+def _update_entry(opt: Optimizer, e: StepEntry, var: jax.Array, g: jax.Array, idx: jax.Array | None,
+                  own_slots: dict[str, jax.Array], t: jax.Array, lr_c: jax.Array, iterations: jax.Array
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Densifying, weight decay, the definition's update and EMA for one variable."""
+    ct = compute_dtype(e.dtype)
+    var_c = var.astype(ct)
+    state = {s: own_slots[s].astype(ct) for s in e.slots if s != EMA_SLOT}
+    if idx is None:
+        g_c = jnp.broadcast_to(g.astype(ct), e.shape)
+    else:
+        g_c = _densify(g.astype(ct), idx, e.shape)
+    if opt.weight_decay is not None:
+        var_c = var_c - (var_c * jnp.asarray(np.float32(opt.weight_decay), ct)) * lr_c
+    if idx is None:
+        var_c, state = opt.update_dense(var_c, g_c, state, lr_c, t)
+    else:
+        var_c, state = opt.update_sparse(var_c, g_c, state, lr_c, t)
+    out_slots = {s: v.astype(e.dtype) for s, v in state.items()}
+    if opt.use_ema:
+        avg = own_slots[EMA_SLOT].astype(ct)
+        avg = jnp.asarray(opt.ema_momentum, ct) * avg + jnp.asarray(1 - opt.ema_momentum, ct) * var_c
+        if opt.ema_overwrite_frequency:
+            overwrite = (iterations + 1) % opt.ema_overwrite_frequency == 0
+            var_c = jnp.where(overwrite, avg, var_c)
+        out_slots[EMA_SLOT] = avg.astype(e.dtype)
+    return var_c.astype(e.dtype), out_slots

@@ -1,0 +1,174 @@
+"""The optimizer's state: placing variables on the mesh, slots (`add_variable_from_reference`, `get_slot`), and
+the packed buffers small variables and slots live in between steps (frontend/packing.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from shardopt.frontend.layout import Layout, auto_mesh, default_mesh, same_mesh
+from shardopt.frontend.packed_state import PackedState, pack_state
+from shardopt.frontend.step import EMA_SLOT, StepEntry
+from shardopt.frontend.variables import Variable
+
+
+class StateMixin:
+    """Variables, slots and packed state of an `Optimizer` (its attributes are set by `Optimizer.__init__`)."""
+
+    mesh: Mesh | None
+    use_ema: bool
+    pack_max_elements: int
+    iterations: Variable
+    _built: bool
+    _variables: list[Variable]
+    _index: dict[int, int]
+    _model_variables: list[Variable]
+    _slots: list[dict[str, Variable]]
+    _packed: PackedState | None
+
+    @property
+    def variables(self) -> list[Variable]:
+        """The optimizer's state in Keras order: iteration, averages, then the definition's slots."""
+        return [self.iterations, *self._variables]
+
+    # ----- state -----------------------------------------------------------------------------------------
+    def slot_names(self) -> tuple[str, ...]:
+        """The definition's slots, in the order `build` adds them."""
+        return ()
+
+    def _resolve_mesh(self, var_list: Sequence[Variable]) -> Mesh:
+        if self.mesh is not None:
+            return self.mesh
+        for v in var_list:
+            if v.layout is not None:
+                return v.layout.mesh
+        return default_mesh()
+
+    def build(self, var_list: Sequence[Variable]) -> None:
+        """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
+        if self._built:
+            return
+        var_list = list(var_list)
+        mesh = self._resolve_mesh(var_list)
+        for v in var_list:
+            if not isinstance(v, Variable):
+                raise TypeError(f"expected shardopt.Variable, got {type(v).__name__}")
+            if not jnp.issubdtype(v.dtype, jnp.floating):
+                raise TypeError(f"variable {v.name!r} has dtype {v.dtype}: optimizers update floating point "
+                                "variables only")
+            if v.layout is None:
+                v.place(Layout.replicated(mesh, len(v.shape)))
+            elif not same_mesh(auto_mesh(v.layout.mesh), auto_mesh(mesh)):
+                raise ValueError(f"variable {v.name!r} is laid out on a different mesh ({v.layout}) than the "
+                                 f"optimizer's mesh {dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))}")
+        self.mesh = mesh
+        it = self.iterations
+        it.place(Layout.replicated(mesh, 0))
+        self._model_variables = var_list
+        self._index = {id(v): i for i, v in enumerate(var_list)}
+        self._slots = [{} for _ in var_list]
+        self._built = True
+        if self.use_ema:
+            for v in var_list:
+                self.add_variable_from_reference(v, EMA_SLOT, initial_value=v.value)
+
+    def add_variable(self, shape: Sequence[int], dtype: Any = None, initializer: str = "zeros",
+                     name: str | None = None) -> Variable:
+        """A replicated optimizer variable (e.g. a scalar accumulator)."""
+        if initializer not in ("zeros", "ones"):
+            raise ValueError(f"initializer must be 'zeros' or 'ones', got {initializer!r}")
+        fill = np.zeros if initializer == "zeros" else np.ones
+        var = Variable(fill(tuple(shape), dtype or np.float32), name=name,
+                       layout=Layout.replicated(self.mesh or default_mesh(), len(shape)))
+        self._variables.append(var)
+        return var
+
+    def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
+                                    shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
+        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given)."""
+        shape = tuple(model_variable.shape if shape is None else shape)
+        layout = model_variable.layout if shape == model_variable.shape else None
+        if layout is None:
+            layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
+        if initial_value is None:
+            init = jnp.zeros(shape, model_variable.dtype, device=layout.to_named_sharding())
+        else:
+            init = jnp.array(initial_value, dtype=model_variable.dtype, copy=True)
+        slot = Variable(init, name=f"{variable_name}/{model_variable.name}", layout=layout)
+        self._variables.append(slot)
+        if id(model_variable) in self._index:
+            self._slots[self._index[id(model_variable)]][variable_name] = slot
+        return slot
+
+    def get_slot(self, var: Variable, slot_name: str) -> Variable:
+        """The slot `slot_name` ("m", "v", "vhat", "average", ...) of `var`."""
+        index = self._var_index(var)
+        try:
+            return self._slots[index][slot_name]
+        except KeyError:
+            raise KeyError(f"variable {var.name!r} has no slot {slot_name!r}; slots: "
+                           f"{sorted(self._slots[index])}") from None
+
+    def _var_index(self, var: Variable) -> int:
+        try:
+            return self._index[id(var)]
+        except KeyError:
+            raise KeyError(f"The optimizer cannot recognize variable {getattr(var, 'name', var)}. This usually "
+                           "means you are trying to call the optimizer to update different parts of the model "
+                           "separately. Please call `optimizer.build(variables)` with the full list of "
+                           "trainable variables before the training loop.") from None
+
+    def _entry_slots(self) -> tuple[str, ...]:
+        return self.slot_names() + ((EMA_SLOT,) if self.use_ema else ())
+
+    def _ensure_packed(self) -> PackedState:
+        """Packs the state once, at the first step (after `build`, so definitions have added their slots)."""
+        if self._packed is None:
+            self._packed = pack_state(self._model_variables, self._slots, self._entry_slots(), self.mesh,
+                                      self.pack_max_elements)
+        return self._packed
+
+    def _packs_for(self, entries: Sequence[StepEntry]) -> tuple[int, ...]:
+        """Indices of the packs with at least one member among `entries`."""
+        member_of = self._ensure_packed().member_of
+        return tuple(sorted({member_of[e.name][0] for e in entries if e.name in member_of}))
+
+    def _holders(self, indices: list[int], pack_ids: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
+        """What supplies (`.value`) and stores (`._set`) each variable and slot argument of a packed program:
+        the packed buffers of `pack_ids`, then the loose variables of `indices` (the convention's order)."""
+        state = self._ensure_packed()
+        slot_names = self._entry_slots()
+        loose = [i for i in indices if self._model_variables[i].name not in state.member_of]
+        var_holders: list[Any] = [state.variables[p] for p in pack_ids]
+        var_holders += [self._model_variables[i] for i in loose]
+        slot_holders: list[Any] = [state.slots[p][s] for p in pack_ids for s in slot_names]
+        slot_holders += [self._slots[i][s] for i in loose for s in slot_names]
+        return var_holders, slot_holders
+
+    def state_holder(self, name: str) -> Any:
+        """What holds the step argument `name` (a variable, slot or packed buffer): `.value` reads it."""
+        state = self._ensure_packed()
+        for group, buffer, slots in zip(state.packs, state.variables, state.slots, strict=True):
+            if name == group.name:
+                return buffer
+            for slot, slot_buffer in slots.items():
+                if name == f"{slot}/{group.name}":
+                    return slot_buffer
+        for var, own in zip(self._model_variables, self._slots, strict=True):
+            if name == var.name:
+                return var
+            for slot, slot_var in own.items():
+                if name == f"{slot}/{var.name}":
+                    return slot_var
+        raise KeyError(f"no optimizer state named {name!r}")
+
+    def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:
+        """With EMA, sets each variable to its moving average (tf-keras semantics); otherwise a no-op."""
+        if not self.use_ema:
+            return
+        for v in var_list:
+            v._set(self._slots[self._var_index(v)][EMA_SLOT].value + 0)
