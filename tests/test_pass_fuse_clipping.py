@@ -45,6 +45,7 @@ def test_filecheck():
     assert stats[1]["batched_reductions"] == 1 and stats[1]["norm_trees_collapsed"] == 0
     assert stats[2]["batched_reductions"] == 0
     assert stats[2]["unbatched"] == {"strided": 1, "no unsharded dimension": 1}
+    assert stats[3]["packed_gradient_norms"] == 1 and stats[3]["norm_tree_leaves"] == 3
 
 
 def _mesh_variables(mesh, dtype=np.float32):
@@ -157,3 +158,23 @@ def test_compiled_kernels_bytes_and_temp():
     assert bytes_per_element(after, elements) <= 44.1 < bytes_per_element(before, elements)
     assert after.exe.memory_analysis().temp_size_in_bytes < 0.02 * elements * 4
     assert "reduce-window" not in entry(after.hlo)
+
+
+def test_global_norm_over_packed_gradient_compiled():
+    """Packed state (the default for small variables): fuse-moments packs the 48 gradients for its chain and the
+    global norm is summed over that packed gradient, so the clipped step reads 4 bytes per element more than the
+    unclipped one (52 vs 48) and needs no temp buffer besides the packed gradient both steps have."""
+    mesh = one_device_mesh()
+    count, size = 48, 1024
+    built = {}
+    for clip in (None, 1.0):
+        variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]
+        program = adam(mesh, global_clipnorm=clip).program_for([(np.ones(size, np.float32), v) for v in variables])
+        built[clip] = (program, build(program, DEFAULT_PIPELINE, "cleanup", mesh))
+    program, clipped = built[1.0]
+    _, unclipped = built[None]
+    assert program.pipeline.stage(PASS).stats["packed_gradient_norms"] == 1
+    elements = count * size
+    assert bytes_per_element(clipped, elements) == pytest.approx(bytes_per_element(unclipped, elements) + 4, abs=0.2)
+    temp = clipped.exe.memory_analysis().temp_size_in_bytes
+    assert temp <= unclipped.exe.memory_analysis().temp_size_in_bytes + 4096

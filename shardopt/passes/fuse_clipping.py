@@ -16,6 +16,10 @@ m and v kernels and no clipped gradient (nor `x * x`) is materialised; the compi
 size. Measured on that step: 13998 -> 6129 loop kernels, 52.3 -> 44.0 bytes per element (Adam's 40 plus one
 read of the gradient for the norm), no temp buffer, about 20% less step time.
 
+With packed state, `fuse-moments` runs first and concatenates each pack's gradients for its fused chain; a
+global norm then sums the squares of that packed gradient once (one contiguous read) instead of reading every
+member's buffer again ("packed_gradient_norms" in the statistics).
+
 What is batched, and why the rest is not (counted in the statistics under `unbatched`):
 - only tensors of at most `max_elements` elements per device: XLA:CPU emits a variadic reduce as one plain
   loop, which beats a kernel per small tensor but loses to its reduction emitters on large tensors;
@@ -95,6 +99,7 @@ class FuseClipping:
         block = fir.main_block(module)
         ops_before = sum(sir.op_counts(module).values())
         found = [m for op in block.operations if (m := match_sum_of_squares(op.operation)) is not None]
+        found, packed = _reduce_packed_gradients(block, found)
         layouts = fir.Shardings(module)
         mesh = sir.mesh_axes(module)
         groups: dict[tuple[str, Any], list[SumOfSquares]] = {}
@@ -124,6 +129,7 @@ class FuseClipping:
             "tensors_per_group": {str(k): v for k, v in sorted(sizes.items())},
             "batched_reductions": batched,
             "unbatched": dict(unbatched),
+            "packed_gradient_norms": packed,
             "norm_trees_collapsed": trees,
             "norm_tree_leaves": leaves,
             "ops_moved": moved,
@@ -205,6 +211,65 @@ class FuseClipping:
             collapsed += 1
             leaves_total += len(leaves)
         return collapsed, leaves_total
+
+
+def _tree_root(value: ir.Value) -> ir.Operation | None:
+    """The root of the scalar add tree that `value` (a sum of squares, maybe halved) is a leaf of, if any."""
+    us = fir.users(value)
+    if len(us) == 1 and us[0].name == "stablehlo.divide" and fir.splat_key(us[0].operands[1]) is not None:
+        value = us[0].results[0]
+    node = _single_add_user(value)
+    if node is None:
+        return None
+    while (parent := _single_add_user(node.results[0])) is not None:
+        node = parent
+    return node
+
+
+def _reduce_packed_gradients(block: ir.Block, found: list[SumOfSquares]) -> tuple[list[SumOfSquares], int]:
+    """For a global norm over the members of a packed gradient (the `concatenate` that `fuse-moments` builds for
+    a pack's update), sums the squares of the packed gradient once instead of each member's: one contiguous read
+    instead of one per member buffer. The first member's sum becomes the packed sum and the others zero, so the
+    add tree that makes the global norm is unchanged. Only when every member's sum is a leaf of the same tree
+    (a per-tensor `clipnorm` needs each sum)."""
+    by_x: dict[ir.Value, SumOfSquares] = {s.x: s for s in found}
+    done: set[int] = set()
+    packed = 0
+    for op in list(block.operations):
+        op = op.operation
+        if op.name != "stablehlo.concatenate" or len(op.operands) < 2:
+            continue
+        members = []
+        for piece in op.operands:
+            value = fir.look_through(piece)
+            producer = fir.op_of(value)
+            if value not in by_x and producer is not None and producer.name == "stablehlo.reshape":
+                value = fir.look_through(producer.operands[0])
+            members.append(by_x.get(value))
+        if any(m is None or id(m) in done for m in members):
+            continue
+        roots = [_tree_root(m.reduce.results[0]) for m in members]
+        if roots[0] is None or any(r is None or r != roots[0] for r in roots):
+            continue
+        elt = fir.element_type(members[0].square)
+        packed_x = op.results[0]
+        rank = len(fir.shape_of(packed_x))
+        with ir.InsertionPoint.after(op), op.location:
+            square = hlo.multiply(packed_x, packed_x)
+            zero = hlo.ConstantOp(ir.DenseElementsAttr.get_splat(fir.scalar_type(elt), ir.FloatAttr.get(elt, 0.0)))
+            total = hlo.ReduceOp([fir.scalar_type(elt)], [square], [zero.result], list(range(rank)))
+            fir.add_body(total.operation, elt, 1)
+        members[0].reduce.results[0].replace_all_uses_with(total.results[0])
+        for m in members[1:]:
+            m.reduce.results[0].replace_all_uses_with(zero.result)
+        for m in members:
+            m.reduce.erase()
+            square = fir.op_of(m.square)
+            if square is not None and not list(m.square.uses):
+                square.erase()
+            done.add(id(m))
+        packed += 1
+    return [s for s in found if id(s) not in done], packed
 
 
 def _is_scalar_add(op: ir.Operation) -> bool:

@@ -23,7 +23,8 @@ REGISTRY: dict[str, type] = {
 }
 # fuse-moments fuses the members of packed state (frontend/packing.py); variables returned in buffers of their own
 # are left alone, because XLA:CPU loses on them (fuse-moments-unpacked measures that; see its module docstring).
-DEFAULT_PIPELINE: tuple[str, ...] = ("inline-calls", "propagate-layouts", "fuse-clipping", "fuse-moments", "cleanup")
+# fuse-moments runs first so that fuse-clipping can take a global norm over a pack's gradient in one reduction.
+DEFAULT_PIPELINE: tuple[str, ...] = ("inline-calls", "propagate-layouts", "fuse-moments", "fuse-clipping", "cleanup")
 
 
 def register(pass_cls: type) -> type:
