@@ -399,6 +399,21 @@ def plot(data: dict[int, dict[str, float]], path: str) -> None:
     print(f"\nwrote {path}")
 
 
+def text_plot(data: dict[int, dict[str, float]], width: int = 60) -> str:
+    """The sweep as a bar chart in text (for the README, next to the PNG `--plot` writes); bars are linear in ms."""
+    labels = {"shardopt": "shardopt apply_gradients", "shardopt_unchecked": "shardopt call_unchecked",
+              "optax": "jax.jit(optax.adam)", "flat": "fused jit, flat buffer"}
+    top = max(v for row in data.values() for k, v in row.items() if k in labels and v)
+    lines = [f"median step time (bar = {top / width:.2f} ms per #); 7.4M float32 parameters, 1 CPU device"]
+    for count in sorted(data):
+        lines.append(f"{count} tensors")
+        for key, label in labels.items():
+            ms = data[count].get(key)
+            if ms:
+                lines.append(f"  {label:<25} {'#' * max(1, round(ms / top * width))} {ms:.1f} ms")
+    return "\n".join(lines)
+
+
 # ----- main --------------------------------------------------------------------------------------------------
 
 
@@ -506,6 +521,7 @@ def main() -> None:
         print_table(["tensors", "shardopt", "shardopt call_unchecked", "optax", "flat jit"],
                     [[str(c), *(fmt(sweep_data[c].get(k)) for k in ("shardopt", "shardopt_unchecked", "optax",
                                                                       "flat"))] for c in sorted(sweep_data)])
+        print("\n```\n" + text_plot(sweep_data) + "\n```")
     total = time.perf_counter() - t_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\ntotal {total:.0f} s; peak RSS {peak:.1f} GB; load average at the end {load_average()}")

@@ -70,13 +70,19 @@ def main() -> None:
         stats = ", ".join(f"{k}={v}" for k, v in stage.stats.items() if not isinstance(v, (list, dict)))
         print(f"  {stage.name:<20} {stage.seconds * 1e3:7.1f} ms  {stats}")
 
-    print(f"\n{'variable':<24} {'shape':<14} {'layout':<22} {'slots (m, v, average)':<22} {'MB/device':>9}")
+    print("\npacked state (small variables and their m, v, average live in one buffer each per pack):")
+    pack_of = {}
+    for group in opt.packs:
+        pack_of.update({m.name: group.name for m in group.members})
+        print(f"  {group.name}: {len(group.members)} variables, buffer {group.dtype}{list(group.shape)} "
+              f"laid out {list(group.layout)}")
+    print(f"\n{'variable':<24} {'shape':<14} {'layout':<22} {'slots (m, v, average)':<22} {'MB/device':>9}  stored")
     for var in variables:
         shard = var.value.addressable_shards[0].data
         slot_layouts = {str(opt.get_slot(var, s).layout.sharding_specs) for s in ("m", "v", "average")}
         same = "same as variable" if slot_layouts == {str(var.layout.sharding_specs)} else ", ".join(slot_layouts)
         print(f"{var.name:<24} {str(var.shape):<14} {str(list(var.layout.sharding_specs)):<22} {same:<22} "
-              f"{shard.nbytes / 2**20:9.2f}")
+              f"{shard.nbytes / 2**20:9.2f}  {pack_of.get(var.name, 'own buffers')}")
     checksum = float(jax.jit(lambda xs: sum(x.sum() for x in xs))([v.value for v in variables]))
     print(f"\nchecksum of all variables after {int(opt.iterations.value)} steps: {checksum:.6f}")
 

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from shardopt.frontend.layout import Layout, auto_mesh, default_mesh, same_mesh
 from shardopt.frontend.packed_state import PackedState, pack_state
+from shardopt.frontend.packing import PackGroup
 from shardopt.frontend.step import EMA_SLOT, StepEntry
 from shardopt.frontend.variables import Variable
 
@@ -124,6 +125,12 @@ class StateMixin:
 
     def _entry_slots(self) -> tuple[str, ...]:
         return self.slot_names() + ((EMA_SLOT,) if self.use_ema else ())
+
+    @property
+    def packs(self) -> tuple[PackGroup, ...]:
+        """The packed buffers small variables and their slots live in (empty before the first step, or with
+        `pack_max_elements = 0`): names, dtype, layout and members with their offsets."""
+        return () if self._packed is None else self._packed.packs
 
     def _ensure_packed(self) -> PackedState:
         """Packs the state once, at the first step (after `build`, so definitions have added their slots)."""
