@@ -96,6 +96,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self.pack_max_elements = PACK_MAX_ELEMENTS
         self._packed: PackedState | None = None
         self._step_scalars: dict[Any, Any] | None = None  # set while a step is traced: see `step_scalar`
+        self._traced_update: Callable[..., Any] | None = None  # one jax trace per entry kind (frontend/step.py)
 
     # ----- the definition's math (override) --------------------------------------------------------------
     def update_dense(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array

@@ -7,6 +7,7 @@ decay, the definition's update per variable, EMA (and its overwrite), counter in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -176,11 +177,29 @@ def _update_entries(opt: Optimizer, entries: list[StepEntry], variables: dict[st
             ct = compute_dtype(e.dtype)
             if ct not in per_dtype:
                 per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
-            new_vars[e.name], new_slots[e.name] = _update_entry(opt, e, variables[e.name], g, idx, slots[e.name],
-                                                                *per_dtype[ct], iterations)
+            update = _traced_once(opt)
+            new_vars[e.name], new_slots[e.name] = update(dataclasses.replace(e, name=""), variables[e.name], g, idx,
+                                                         slots[e.name], *per_dtype[ct], iterations)
     finally:
         opt._step_scalars = None
     return new_vars, new_slots
+
+
+def _traced_once(opt: Optimizer) -> Callable[..., Any]:
+    """`_update_entry` under `jax.jit`, keyed by the entry without its name: jax traces the update once per
+    distinct (shape, dtype, layout, gradient kind) instead of once per variable, and lowers each call to a
+    `func.call` of one shared function that `inline-calls` inlines (2000 same-shaped variables: one trace)."""
+    cached = opt._traced_update
+    if cached is None:
+        def traced(e: StepEntry, *args: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            outer, opt._step_scalars = opt._step_scalars, {}  # step_scalar keys are tracer ids: one dict per trace
+            try:
+                return _update_entry(opt, e, *args)
+            finally:
+                opt._step_scalars = outer
+
+        cached = opt._traced_update = jax.jit(traced, static_argnums=(0,))
+    return cached
 
 
 def _update_entry(opt: Optimizer, e: StepEntry, var: jax.Array, g: jax.Array, idx: jax.Array | None,
