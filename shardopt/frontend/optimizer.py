@@ -7,6 +7,7 @@ Everything else — clipping, EMA, schedules, the counter, lowering, passes, exe
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -37,6 +38,12 @@ from shardopt.runtime.functional import FunctionalStep
 log = logging.getLogger("shardopt")
 
 State = dict[str, jax.Array]
+
+
+@functools.cache
+def _array_type() -> type:
+    """jax's concrete array class, for an exact-type fast path over the gradients (found once jax is up)."""
+    return type(jnp.zeros(()))
 
 
 class Optimizer(StateMixin, HyperparameterMixin):
@@ -97,6 +104,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self._packed: PackedState | None = None
         self._step_scalars: dict[Any, Any] | None = None  # set while a step is traced: see `step_scalar`
         self._traced_update: Callable[..., Any] | None = None  # one jax trace per entry kind (frontend/step.py)
+        self._var_avals: list[tuple[tuple[int, ...], np.dtype]] = []  # (shape, dtype) per variable, set by build
 
     # ----- the definition's math (override) --------------------------------------------------------------
     def update_dense(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
@@ -150,7 +158,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
             return self.iterations
         if not self._built:
             self.build([v for _, v in pairs])
-        index_of = self._index
+        index_of, avals, array_type = self._index, self._var_avals, _array_type()
         signature, grad_arrays, indices = [], [], []
         dropped = []
         for g, v in pairs:
@@ -161,8 +169,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
                 dropped.append(v.name)
                 continue
             indices.append(index)
-            value = v._value  # the array, or the shape/dtype/sharding of a packed view: no read
-            if isinstance(g, jax.Array) and g.dtype == value.dtype and g.shape == value.shape:
+            if type(g) is array_type and (g.aval.shape, g.aval.dtype) == avals[index]:
                 signature.append(index)  # the common case: a dense gradient of the variable's shape and dtype
                 grad_arrays.append(g)
             else:

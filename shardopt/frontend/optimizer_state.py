@@ -29,6 +29,7 @@ class StateMixin:
     _index: dict[int, int]
     _model_variables: list[Variable]
     _slots: list[dict[str, Variable]]
+    _var_avals: list[tuple[tuple[int, ...], np.dtype]]
     _packed: PackedState | None
 
     @property
@@ -71,6 +72,7 @@ class StateMixin:
         it.place(Layout.replicated(mesh, 0))
         self._model_variables = var_list
         self._index = {id(v): i for i, v in enumerate(var_list)}
+        self._var_avals = [(v.shape, np.dtype(v.dtype)) for v in var_list]  # variables never change shape or dtype
         self._slots = [{} for _ in var_list]
         self._built = True
         if self.use_ema:

@@ -7,6 +7,8 @@ and sharding *before* the call, because a donated buffer is gone once the execut
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +21,12 @@ from shardopt import ir as sir
 from shardopt.compat.jax_private import exported_with_module, serialize_portable
 from shardopt.frontend.convention import CallingConvention, TensorSpec
 from shardopt.frontend.layout import same_mesh
+
+
+@functools.cache
+def _array_type() -> type:
+    """jax's concrete array class (for an exact-type fast path), found once jax's backend is up."""
+    return type(jax.numpy.zeros(()))
 
 
 class StepInputError(ValueError):
@@ -52,8 +60,8 @@ class CompiledStep:
         self.in_shardings = [named_sharding(self.mesh, a) for a in convention.args]
         self.out_shardings = [named_sharding(self.mesh, r) for r in convention.results]
         self._donated_list = convention.donated_argnums()
-        self._kept_list = tuple(i for i in range(len(convention.args)) if i not in set(self._donated_list))
         self._dtypes = [np.dtype(a.dtype) for a in convention.args]
+        self._shapes = [tuple(a.shape) for a in convention.args]
         self._accepted: list[Any] = [None] * len(convention.args)  # last sharding found equivalent, per argument
         self._fn = jax.jit(exported.call, donate_argnums=convention.donated_argnums())
 
@@ -71,41 +79,49 @@ class CompiledStep:
     def validate(self, args: Sequence[Any]) -> list[jax.Array]:
         """Checks every input against the convention; moves non-donated inputs to their sharding.
 
-        Runs on every step, so the common case (the right array already in place) costs a few attribute reads.
+        Runs on every step, so the common case (a jax array of the right shape and dtype, already placed as last
+        time) costs a few attribute reads per argument; anything else takes the full check.
         """
         specs = self.convention.args
         if len(args) != len(specs):
             raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
         out = list(args)
-        for i, (a, spec, want, dtype) in enumerate(zip(args, specs, self.in_shardings, self._dtypes, strict=True)):
-            if a.shape != spec.shape and tuple(a.shape) != spec.shape:
-                raise StepInputError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
-            if a.dtype != dtype:
-                raise StepInputError(f"{spec.name}: expected dtype {spec.dtype}, got {np.dtype(a.dtype)}")
-            if not isinstance(a, jax.Array):
-                if spec.donated:
-                    raise StepInputError(f"{spec.name}: a donated input must be a jax.Array placed as {want.spec}")
-                out[i] = jax.device_put(a, want)
-                continue
-            if a.is_deleted():
-                raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
-            sharding = a.sharding
-            if sharding is self._accepted[i] or sharding == want:
-                pass
-            elif sharding.is_equivalent_to(want, len(spec.shape)):
-                self._accepted[i] = sharding  # equivalent but not == (e.g. P() vs P(None)): remember it
-            else:
-                if spec.donated:
-                    raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got "
-                                         f"{sharding}")
-                out[i] = jax.device_put(a, want)
-        donated = [id(out[i]) for i in self._donated_list]
-        if len(set(donated)) != len(donated) or set(donated) & {id(out[i]) for i in self._kept_list}:
-            names = [specs[i].name for i in self._donated_list if donated.count(id(out[i])) > 1
-                     or id(out[i]) in {id(out[j]) for j in self._kept_list}]
-            raise StepInputError(f"the same array is passed as a donated input and as another input: {names}; "
+        accepted, shapes, dtypes = self._accepted, self._shapes, self._dtypes
+        array_type = _array_type()
+        for i, a in enumerate(args):
+            if type(a) is array_type:
+                aval = a.aval
+                if (aval.shape == shapes[i] and aval.dtype == dtypes[i] and not a.is_deleted()
+                        and a.sharding is accepted[i]):
+                    continue  # the common case: what was accepted for this argument last time
+            out[i] = self._check(i, a)
+        uses = Counter(map(id, out))  # a donated array passed twice would be read after XLA reused its buffer
+        twice = [specs[i].name for i in self._donated_list if uses[id(out[i])] > 1]
+        if twice:
+            raise StepInputError(f"the same array is passed as a donated input and as another input: {twice}; "
                                  "pass a copy")
         return out
+
+    def _check(self, i: int, a: Any) -> Any:
+        """The full check of argument `i`: the array to pass, or a StepInputError that names it."""
+        spec, want, dtype = self.convention.args[i], self.in_shardings[i], self._dtypes[i]
+        if a.shape != spec.shape and tuple(a.shape) != spec.shape:
+            raise StepInputError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
+        if a.dtype != dtype:
+            raise StepInputError(f"{spec.name}: expected dtype {spec.dtype}, got {np.dtype(a.dtype)}")
+        if not isinstance(a, jax.Array):
+            if spec.donated:
+                raise StepInputError(f"{spec.name}: a donated input must be a jax.Array placed as {want.spec}")
+            return jax.device_put(a, want)
+        if a.is_deleted():
+            raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
+        sharding = a.sharding
+        if sharding is self._accepted[i] or sharding == want or sharding.is_equivalent_to(want, len(spec.shape)):
+            self._accepted[i] = sharding  # remember it: the next call with this sharding object takes the fast path
+            return a
+        if spec.donated:
+            raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got {sharding}")
+        return jax.device_put(a, want)
 
     def __call__(self, args: Sequence[Any]) -> list[jax.Array]:
         return list(self._fn(*self.validate(args)))
