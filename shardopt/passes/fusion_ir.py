@@ -212,6 +212,12 @@ def add_body(op: ir.Operation, elt: ir.Type, count: int) -> None:
         hlo.ReturnOp([hlo.add(args[k], args[count + k]) for k in range(count)])
 
 
+def _concatenates(fn: Any) -> list[tuple[ir.Operation, int]]:
+    """`@main`'s `stablehlo.concatenate` ops (a snapshot: callers rewrite them) with their dimension."""
+    ops = [op.operation for op in fn.regions[0].blocks[0].operations]
+    return [(op, ir.IntegerAttr(op.attributes["dimension"]).value) for op in ops if op.name == "stablehlo.concatenate"]
+
+
 def _through_reshapes(value: ir.Value) -> ir.Value:
     """The deepest value of the same shape under a chain of reshapes and sharding constraints (a piece cut out of
     a packed buffer comes back as reshape(reshape(slice)))."""
@@ -244,11 +250,7 @@ def fold_concatenated_slices(fn: Any) -> int:
     """Rewrites `concatenate(slice(x, a:b), slice(x, b:c), ...)` runs into one slice, and into `x` itself when
     they cover it: packing the pieces a packed buffer was cut into is no copy. Returns the runs merged."""
     folded = 0
-    for op in list(fn.regions[0].blocks[0].operations):
-        op = op.operation
-        if op.name != "stablehlo.concatenate":
-            continue
-        dim = ir.IntegerAttr(op.attributes["dimension"]).value
+    for op, dim in _concatenates(fn):
         merged: list[ir.Value] = []
         runs: list[tuple[ir.Value, int, int] | None] = []
         changed = False
@@ -292,11 +294,7 @@ def flatten_concatenates(fn: Any) -> int:
     """Rewrites `concatenate(a, concatenate(b, c), d)` (same dim) into `concatenate(a, b, c, d)`: jax lowers a
     concatenation of many pieces as a tree of concatenates of at most 16, and a pack's pieces are its members."""
     flattened = 0
-    for op in list(fn.regions[0].blocks[0].operations):
-        op = op.operation
-        if op.name != "stablehlo.concatenate":
-            continue
-        dim = ir.IntegerAttr(op.attributes["dimension"]).value
+    for op, dim in _concatenates(fn):
         operands: list[ir.Value] = []
         stack = list(reversed(list(op.operands)))
         nested = False
