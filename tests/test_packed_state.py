@@ -184,3 +184,20 @@ def test_refused_step_loses_nothing(mesh):
     grads[2] = variables[2].value  # a packed variable's value is a copy cut out of the buffer: a valid gradient
     opt.apply_gradients(zip(grads, variables, strict=True))
     assert np.isfinite(variables[2].numpy()).all()
+
+
+def test_two_optimizers_share_variables(mesh):
+    """Variables packed by one optimizer and then also updated by another stay one value: the second optimizer
+    keeps them loose and writes through the first one's buffer, exactly as without packing."""
+    def run(packed):
+        variables = _variables(mesh)[:4]
+        first = adam(mesh, packed=packed, learning_rate=0.01)
+        second = adam(mesh, packed=packed, learning_rate=0.1, amsgrad=True)
+        rng = np.random.default_rng(7)
+        for step in range(4):
+            opt = first if step % 2 == 0 else second
+            opt.apply_gradients(zip(_grads(variables, rng), variables, strict=True))
+        assert not second.packs
+        return [v.numpy() for v in variables]
+    for x, y in zip(run(True), run(False), strict=True):
+        np.testing.assert_array_equal(x, y)

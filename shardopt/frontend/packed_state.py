@@ -99,6 +99,8 @@ def pack_state(variables: Sequence[Variable], slots: Sequence[dict[str, Variable
     by_name: dict[str, tuple[Variable, dict[str, Variable]]] = {}
     counts = Counter(v.name for v in variables)
     for var, own in zip(variables, slots, strict=True):
+        if var._view is not None:
+            continue  # already packed by another optimizer: stays in that buffer, updated through its view
         if counts[var.name] > 1 or any(s not in own or own[s].shape != var.shape for s in slot_names):
             continue
         spec = tuple(var.layout.to_partition_spec())
