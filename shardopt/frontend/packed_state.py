@@ -74,11 +74,12 @@ class PackedBuffer:
         return self._views[index]
 
     def write_member(self, index: int, value: jax.Array) -> None:
-        value = jax.device_put(value, _on_mesh(self.sharding.mesh, self.member_shardings[index]))
+        """Writes member `index` into the buffer (donating the old one); the cached views stay valid."""
+        on_auto = jax.device_put(value, _on_mesh(self.sharding.mesh, self.member_shardings[index]))
         packed = jax.device_put(self._array, self.sharding)
-        self._array = _member_writer(self.group, index, self.sharding)(packed, value)
+        self._array = _member_writer(self.group, index, self.sharding)(packed, on_auto)
         if self._views is not None:
-            self._views[index] = value
+            self._views[index] = value  # as given (placed on the user's mesh by `Variable.assign`)
 
 
 @dataclass
