@@ -464,6 +464,17 @@ def convention_args(exe: Any, opt: Any, by_name: dict[str, Any], grad_by_name: d
     return out
 
 
+def write_back(exe: Any, opt: Any, outs: list[Any]) -> None:
+    """A direct call's results into the optimizer, as `apply_gradients` stores them (its donated arrays are gone)."""
+    from shardopt.frontend.convention import COUNTER, SLOT, VARIABLE
+
+    for spec, value in zip(exe.convention.results, outs, strict=True):
+        if spec.role in (VARIABLE, SLOT):
+            opt.state_holder(spec.name)._set(value)  # a variable, a slot, or a packed buffer
+        elif spec.role == COUNTER:
+            opt.iterations._set(value)
+
+
 def flat_adam(p: jax.Array, m: jax.Array, v: jax.Array, t: jax.Array, g: jax.Array, lr: float,
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7) -> tuple[jax.Array, ...]:
     """Keras-form Adam over flat buffers: the hand-written fused step the benchmarks compare against."""

@@ -27,10 +27,18 @@ from typing import Any
 
 import jax
 import numpy as np
-from _common import convention_args, environment, load_average, make_arrays, param_set, print_table, write_json
+from _common import (
+    convention_args,
+    environment,
+    load_average,
+    make_arrays,
+    param_set,
+    print_table,
+    write_back,
+    write_json,
+)
 
 import shardopt
-from shardopt.frontend.convention import COUNTER, SLOT, VARIABLE
 
 LR = 1e-3
 TARGET = 1.10
@@ -65,14 +73,8 @@ class Case:
         return convention_args(self.exe, self.opt, self.by_name, self.grad_by_name, self.lr)
 
     def write_back(self, outs: list[Any]) -> None:
-        """Puts a direct call's results back into the optimizer (what apply_gradients does itself)."""
-        for spec, value in zip(self.exe.convention.results, outs, strict=True):
-            if spec.role == VARIABLE:
-                self.by_name[spec.name]._set(value)
-            elif spec.role == SLOT:
-                self.opt.get_slot(self.by_name[spec.owner], spec.name[: -len(spec.owner) - 1])._set(value)
-            elif spec.role == COUNTER:
-                self.opt.iterations._set(value)
+        """A direct call's results back into the optimizer (what apply_gradients does itself)."""
+        write_back(self.exe, self.opt, outs)
 
 
 def run(case: Case, steps: int, warmup: int = 3) -> dict[str, dict[str, list[float]]]:

@@ -47,12 +47,12 @@ from _common import (
     short_error,
     small_set,
     temp_bytes,
+    write_back,
     write_json,
 )
 from jax.sharding import NamedSharding, PartitionSpec
 
 import shardopt
-from shardopt.frontend.convention import COUNTER, SLOT, VARIABLE
 
 BYTES_PER_ELEMENT = 28  # Adam: read p, g, m, v and write p, m, v, float32
 LR = 1e-3
@@ -116,13 +116,9 @@ class ShardoptApply(Case):
         lr = jax.device_put(np.float32(LR), self.exe.in_shardings[-1])
         return convention_args(self.exe, self.opt, self.by_name, self.grad_by_name, lr)
 
-    def write_back(self, outs: list[jax.Array]) -> None:
-        """A direct call's results into the optimizer (its donated arrays are gone)."""
-        for spec, value in zip(self.exe.convention.results, outs, strict=True):
-            if spec.role in (VARIABLE, SLOT):
-                self.opt.state_holder(spec.name)._set(value)  # a variable, a slot, or a packed buffer
-            elif spec.role == COUNTER:
-                self.opt.iterations._set(value)
+    def write_back(self, outs: list[Any]) -> None:
+        """A direct call's results back into the optimizer (what apply_gradients does itself)."""
+        write_back(self.exe, self.opt, outs)
 
     def close(self) -> None:
         self.__dict__.pop("opt", None)
