@@ -10,7 +10,9 @@ group. Packing keeps every device's data local (§3):
   concatenated on dim 1: packed shape `[S, N/S]`, sharded on dim 0.
 Members with other layouts, or larger than `PACK_MAX_ELEMENTS`, stay loose (one buffer each): for a large
 tensor the copy that gathers its gradient into the packed buffer (8 bytes per element) costs more than the
-per-buffer overheads packing saves (break-even near 60K elements on this machine class).
+per-buffer overheads packing saves. Measured with `apply_gradients` on 7.4M float32 parameters, one CPU device,
+packed vs one buffer each: 2000 x 3,700 elements 13-19 vs 48 ms; 400 x 18,500 about 11 vs 15 ms; 100 x 74,000
+equal (9-10 ms); 25 x 296,000 about 10 vs 6.5 ms. Hence the threshold of 65,536 elements.
 """
 
 from __future__ import annotations
