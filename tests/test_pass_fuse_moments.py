@@ -141,7 +141,9 @@ def test_bitwise_same_results_packed(built, key):
     the rest stay loose and unfused. Every result, packed or loose, is bitwise the same."""
     stats, before, after = built(key, packed=True)
     assert stats["groups"] == 2 and stats["tensors_per_group"] == {"2": 2}, stats
-    assert stats["pack_copies_folded"] >= 2 * (1 + len(before.step.convention.results)) // 4, stats
+    slots = 2 + bool(CONFIGS[key].get("amsgrad")) + bool(CONFIGS[key].get("use_ema"))
+    # per pack: the cut-outs of the variable and each slot (chain inputs) and their re-packing (results) fold away
+    assert stats["pack_copies_folded"] == 2 * 2 * (1 + slots), stats
     assert set(stats["results_unfused"]) == {"results not packed"}, stats
     inputs = random_inputs(before)
     if key == "clipnorm":  # per-tensor divisors packed: XLA may not turn the division into a multiplication
@@ -156,7 +158,8 @@ def test_packed_step_compiled_kernels_bytes_and_temp():
     """48 replicated f32[1024] variables, one device, default pipeline: the state is one buffer each for the
     variables, m and v, updated by Adam's 3 loop kernels (XLA:CPU writes each result with its own loop) plus
     one concatenation of the 48 gradients, instead of 3 kernels per variable. Bytes per element are Adam's 40
-    plus writing and re-reading the packed gradient (8); no temp buffer besides the packed gradient."""
+    plus writing and re-reading the packed gradient (8). The packed gradient is written into the donated gradient
+    buffer the step hands back, so XLA needs no temp buffer beyond a few scalars."""
     mesh = one_device_mesh()
     count, size = 48, 1024
     variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]
@@ -165,7 +168,7 @@ def test_packed_step_compiled_kernels_bytes_and_temp():
     fused = build(program, (*FRONT, PASS, "cleanup"), "cleanup", mesh)
     stats = program.pipeline.stage(PASS).stats
     assert stats["groups"] == 1 and stats["tensors_per_group"] == {str(count): 1}, stats
-    assert len(program.convention.args) == 3 + count + 1 + 1  # packed p, m, v; one gradient each; t; lr
+    assert len(program.convention.args) == 3 + count + 1 + 1 + 1  # p, m, v; a gradient each; gradient buffer; t; lr
     elements = count * size
     kernels = [k for k in loop_kernels(fused.hlo) if f"f32[{elements}]" in k.split(" = ")[1].split(" ")[0]]
     assert len(kernels) == 3, loop_kernels(fused.hlo)
@@ -173,7 +176,7 @@ def test_packed_step_compiled_kernels_bytes_and_temp():
     assert len(loop_kernels(unfused.hlo)) > 3 * count
     assert bytes_per_element(fused, elements) == pytest.approx(48, abs=0.2)
     assert bytes_per_element(unfused, elements) > bytes_per_element(fused, elements)
-    assert fused.exe.memory_analysis().temp_size_in_bytes <= 4 * elements + 1024
+    assert fused.exe.memory_analysis().temp_size_in_bytes <= 1024  # scalars: the gradients go to the donated buffer
 
 
 def test_clipnorm_bitwise_in_interpreter_and_close_compiled(built):

@@ -17,7 +17,10 @@ GRADIENT_INDICES = "gradient_indices"
 SLOT = "slot"
 COUNTER = "counter"
 HYPERPARAMETER = "hyperparameter"
-ROLES = (VARIABLE, GRADIENT, GRADIENT_INDICES, SLOT, COUNTER, HYPERPARAMETER)
+# Scratch memory, donated and handed back each step, that a pack's gradients are gathered into (its contents are
+# never read: it only gives XLA a buffer to write the packed gradient to instead of a temporary).
+GRADIENT_BUFFER = "gradient_buffer"
+ROLES = (VARIABLE, GRADIENT, GRADIENT_INDICES, SLOT, GRADIENT_BUFFER, COUNTER, HYPERPARAMETER)
 
 
 @dataclass(frozen=True)

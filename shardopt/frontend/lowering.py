@@ -37,7 +37,7 @@ def lower_step(fn: Callable[..., tuple[jax.Array, ...]], convention: CallingConv
     in_shardings = tuple(_sharding(mesh, a) for a in convention.args)
     out_shardings = tuple(_sharding(mesh, r) for r in convention.results)
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                     donate_argnums=convention.donated_argnums())
+                     donate_argnums=convention.donated_argnums(), keep_unused=True)  # gradient buffers are unread
     avals = [jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype)) for a in convention.args]
     exported = jax.export.export(jitted, platforms=(jax.default_backend(),))(*avals)
     ctx = sir.make_ir_context()

@@ -156,14 +156,18 @@ class StateMixin:
         var_holders += [self._model_variables[i] for i in loose]
         slot_holders: list[Any] = [state.slots[p][s] for p in pack_ids for s in slot_names]
         slot_holders += [self._slots[i][s] for i in loose for s in slot_names]
+        slot_holders += [state.gradients[p] for p in pack_ids]  # the convention's gradient buffers follow the slots
         return var_holders, slot_holders
 
     def state_holder(self, name: str) -> Any:
         """What holds the step argument `name` (a variable, slot or packed buffer): `.value` reads it."""
         state = self._ensure_packed()
-        for group, buffer, slots in zip(state.packs, state.variables, state.slots, strict=True):
+        for group, buffer, slots, gradients in zip(state.packs, state.variables, state.slots, state.gradients,
+                                                   strict=True):
             if name == group.name:
                 return buffer
+            if name == f"gradient_buffer/{group.name}":
+                return gradients
             for slot, slot_buffer in slots.items():
                 if name == f"{slot}/{group.name}":
                     return slot_buffer

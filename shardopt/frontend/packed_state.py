@@ -82,13 +82,24 @@ class PackedBuffer:
             self._views[index] = value  # as given (placed on the user's mesh by `Variable.assign`)
 
 
+class ScratchBuffer:
+    """A pack's gradient buffer: donated to each step and handed back (see convention.GRADIENT_BUFFER)."""
+
+    def __init__(self, array: jax.Array):
+        self.value = array
+
+    def _set(self, array: jax.Array) -> None:
+        self.value = array
+
+
 @dataclass
 class PackedState:
-    """The packs of an optimizer and their buffers: `variables[p]` and `slots[p][slot name]`."""
+    """The packs of an optimizer and their buffers: `variables[p]`, `slots[p][slot name]`, `gradients[p]`."""
 
     packs: tuple[PackGroup, ...]
     variables: list[PackedBuffer]
     slots: list[dict[str, PackedBuffer]]
+    gradients: list[ScratchBuffer]
     member_of: dict[str, tuple[int, int]]   # variable name -> (pack index, member index)
 
 
@@ -109,7 +120,7 @@ def pack_state(variables: Sequence[Variable], slots: Sequence[dict[str, Variable
         candidates.append((var.name, var.shape, str(var.dtype), layout))
         by_name[var.name] = (var, own)
     packs = plan_packs(candidates, mesh_axes, max_elements) if max_elements > 0 else ()
-    state = PackedState(packs, [], [], {})
+    state = PackedState(packs, [], [], [], {})
     for p_index, group in enumerate(packs):
         sharding = NamedSharding(auto_mesh(mesh), PartitionSpec(*group.layout))
         member_shardings = tuple(NamedSharding(mesh, PartitionSpec(*group.member_layout(len(m.shape))))
@@ -130,4 +141,5 @@ def pack_state(variables: Sequence[Variable], slots: Sequence[dict[str, Variable
             state.member_of[var.name] = (p_index, i)
         state.variables.append(var_buffer)
         state.slots.append(slot_buffers)
+        state.gradients.append(ScratchBuffer(jnp.zeros(group.shape, group.dtype, device=sharding)))
     return state

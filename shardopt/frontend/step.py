@@ -20,6 +20,7 @@ from shardopt.frontend import clipping
 from shardopt.frontend.convention import (
     COUNTER,
     GRADIENT,
+    GRADIENT_BUFFER,
     GRADIENT_INDICES,
     HYPERPARAMETER,
     SLOT,
@@ -93,11 +94,14 @@ def build_convention(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int],
     for e in loose:
         for s in e.slots:
             args.append(TensorSpec(f"{s}/{e.name}", SLOT, e.shape, e.dtype, owner=e.name, donated=True))
+    for p in packs:
+        args.append(TensorSpec(f"gradient_buffer/{p.name}", GRADIENT_BUFFER, p.shape, p.dtype, owner=p.name,
+                               donated=True))
     ctr = str(counter_dtype())
     args.append(TensorSpec("iterations", COUNTER, (), ctr, layout=(), donated=True))
     if has_lr_input:
         args.append(TensorSpec("learning_rate", HYPERPARAMETER, (), "float32", layout=()))
-    results = [a for a in args if a.role in (VARIABLE, SLOT, COUNTER)]
+    results = [a for a in args if a.role in (VARIABLE, SLOT, GRADIENT_BUFFER, COUNTER)]
     results.append(TensorSpec("learning_rate", HYPERPARAMETER, (), "float32", layout=()))
     return CallingConvention(tuple(args), tuple(results), mesh_axes)
 
@@ -118,13 +122,14 @@ def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None,
     ngrad_args = sum(1 if e.sparse_rows is None else 2 for e in entries)
     nvars = len(packs) + len(loose)
     nslots = len(packs) * len(pack_slots) + sum(len(e.slots) for e in loose)
+    nstate = nvars + ngrad_args + nslots + len(packs)  # the gradient buffers follow the slots
 
     def step(*flat: jax.Array) -> tuple[jax.Array, ...]:
         var_args = list(flat[:nvars])
         grad_args = list(flat[nvars:nvars + ngrad_args])
         slot_args = list(flat[nvars + ngrad_args:nvars + ngrad_args + nslots])
-        iterations = flat[nvars + ngrad_args + nslots]
-        lr = schedule(iterations) if schedule is not None else flat[nvars + ngrad_args + nslots + 1]
+        iterations = flat[nstate]
+        lr = schedule(iterations) if schedule is not None else flat[nstate + 1]
         lr = jnp.asarray(lr, jnp.float32)
 
         variables: dict[str, jax.Array] = {}
@@ -150,9 +155,28 @@ def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None,
         out_vars += [variables[e.name] for e in loose]
         out_slots = [p.pack([slots[m.name][s] for m in p.members]) for p in packs for s in pack_slots]
         out_slots += [slots[e.name][s] for e in loose for s in e.slots]
-        return (*out_vars, *out_slots, iterations + 1, lr)
+        out_buffers = [_gathered_gradients(p, entries, grad_args) for p in packs]
+        return (*out_vars, *out_slots, *out_buffers, iterations + 1, lr)
 
     return step
+
+
+def _gathered_gradients(pack: PackGroup, entries: list[StepEntry], grad_args: list[jax.Array]) -> jax.Array:
+    """The pack's gradients concatenated as `fuse-moments` concatenates them for its chain (so `cleanup`'s CSE
+    makes them one value, which XLA then writes into the donated gradient buffer instead of a temporary). Members
+    without a dense gradient of their own shape and dtype contribute zeros: the buffer is scratch, never read."""
+    dense: dict[str, jax.Array] = {}
+    k = 0
+    for e in entries:
+        if e.sparse_rows is None and e.grad_shape is None:
+            dense[e.name] = grad_args[k]
+        k += 1 if e.sparse_rows is None else 2
+    pieces = []
+    for m in pack.members:
+        g = dense.get(m.name)
+        pieces.append(g if g is not None and g.dtype == np.dtype(pack.dtype)
+                      else jnp.zeros(m.shape, np.dtype(pack.dtype)))
+    return pack.pack(pieces)
 
 
 def _update_entries(opt: Optimizer, entries: list[StepEntry], variables: dict[str, jax.Array],

@@ -13,10 +13,18 @@ from typing import Any, ClassVar
 from jaxlib.mlir import ir
 
 from shardopt import ir as sir
-from shardopt.frontend.convention import COUNTER, GRADIENT, GRADIENT_INDICES, HYPERPARAMETER, SLOT, VARIABLE
+from shardopt.frontend.convention import (
+    COUNTER,
+    GRADIENT,
+    GRADIENT_BUFFER,
+    GRADIENT_INDICES,
+    HYPERPARAMETER,
+    SLOT,
+    VARIABLE,
+)
 from shardopt.passes.base import PassError
 
-FOLLOWS_OWNER = (SLOT,)
+FOLLOWS_OWNER = (SLOT, GRADIENT_BUFFER)
 REPLICATED_ROLES = (COUNTER, HYPERPARAMETER, GRADIENT_INDICES)
 
 
