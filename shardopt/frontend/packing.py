@@ -2,9 +2,10 @@
 
 Between steps, `apply_gradients` keeps small variables and their slots packed, one buffer per group, so a step
 takes a few state buffers (plus one gradient per variable) and returns a few: XLA:CPU pays ~1.3 µs per result
-buffer and ~3 µs per loop kernel, which for 2000 small tensors costs more than the math
-(`../shared/notes/pipeline-facts.md` §9). `fuse-moments` then turns the per-member updates into one update per
-group. Packing keeps every device's data local (§3):
+buffer (`../shared/notes/pipeline-facts.md` §9) and about 3 µs per loop kernel (optax's step minus a no-op's
+over 6000 kernels, benchmarks/README.md), which for 2000 small tensors costs more than the math. `fuse-moments`
+then turns the per-member updates into one update per group, and the gradients are gathered into a donated
+per-pack scratch buffer (convention.GRADIENT_BUFFER). Packing keeps every device's data local (§3):
 - replicated members are flattened and concatenated: packed shape `[N]`;
 - members sharded on dim 0 only (S shards) become `[S, n/S]` pieces (row k is device k's contiguous block)
   concatenated on dim 1: packed shape `[S, N/S]`, sharded on dim 0.
