@@ -2,8 +2,8 @@
 
 Between steps, `apply_gradients` keeps small variables and their slots packed, one buffer per group, so a step
 takes a few state buffers (plus one gradient per variable) and returns a few: XLA:CPU pays ~1.3 µs per result
-buffer (`../shared/notes/pipeline-facts.md` §9) and about 3 µs per loop kernel (optax's step minus a no-op's
-over 6000 kernels, benchmarks/README.md), which for 2000 small tensors costs more than the math. `fuse-moments`
+buffer (`../shared/notes/pipeline-facts.md` §9) and 1-3 µs per loop kernel (optax's step minus the no-op's
+over 6000 kernels, across the benchmark runs), which for 2000 small tensors costs more than the math. `fuse-moments`
 then turns the per-member updates into one update per group, and the gradients are gathered into a donated
 per-pack scratch buffer (convention.GRADIENT_BUFFER). Packing keeps every device's data local (§3):
 - replicated members are flattened and concatenated: packed shape `[N]`;
@@ -73,7 +73,7 @@ class PackGroup:
         return (None,) if self.axes is None else (self.axes, None)
 
     def member_layout(self, rank: int) -> tuple[Any, ...]:
-        return (None,) * rank if self.axes is None else (self.axes,) + (None,) * (rank - 1)
+        return member_layout(self.layout, rank)
 
     def unpack(self, packed: jax.Array, index: int) -> jax.Array:
         """Member `index` cut out of `packed` (traceable: a static slice and a reshape)."""
@@ -86,6 +86,14 @@ class PackGroup:
         """The packed buffer of `values` (one per member, in order; traceable)."""
         pieces = [jnp.reshape(v, self.piece_shape(m.shape)) for v, m in zip(values, self.members, strict=True)]
         return jnp.concatenate(pieces, axis=self.dim)
+
+
+def member_layout(pack_layout: tuple[Any, ...], rank: int) -> tuple[Any, ...]:
+    """The layout of a rank-`rank` member of a pack laid out as `pack_layout`: `(None,)` is flat and replicated,
+    `(axes, None)` is rows whose members are sharded on dim 0 over `axes`."""
+    if len(pack_layout) == 1 or rank == 0:
+        return (None,) * rank
+    return (pack_layout[0],) + (None,) * (rank - 1)
 
 
 def _packing_key(shape: tuple[int, ...], layout: tuple[Any, ...], mesh_axes: dict[str, int]
@@ -119,10 +127,9 @@ def plan_packs(variables: Sequence[tuple[str, tuple[int, ...], str, tuple[Any, .
     for (dtype, axes, shards), members in buckets.items():
         if len(members) < 2:
             continue
-        group = PackGroup(f"{PACK_PREFIX}{len(groups)}/{dtype}", dtype, axes, shards, ())
         offset, placed = 0, []
         for name, shape in members:
             placed.append(PackMember(name, shape, offset))
-            offset += group.piece_shape(shape)[group.dim]
-        groups.append(PackGroup(group.name, dtype, axes, shards, tuple(placed)))
+            offset += int(np.prod(shape, dtype=np.int64)) // shards  # the piece's extent along the packed dim
+        groups.append(PackGroup(f"{PACK_PREFIX}{len(groups)}/{dtype}", dtype, axes, shards, tuple(placed)))
     return tuple(groups)

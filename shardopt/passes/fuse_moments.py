@@ -45,7 +45,7 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt.frontend.convention import SLOT, VARIABLE
-from shardopt.frontend.packing import PACK_PREFIX
+from shardopt.frontend.packing import PACK_PREFIX, member_layout
 from shardopt.passes import fusion_ir as fir
 from shardopt.passes.base import PassError
 from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for
@@ -133,10 +133,8 @@ class FuseMoments:
                 for p, piece in enumerate(concat.operands):
                     sink = Sink(concat, p, tuple(fir.shape_of(piece)))
                     shape = fir.shape_of(sink.value())
-                    member_layout = tuple(layout[:1]) + (None,) * (len(shape) - 1) if shape else ()
-                    if len(layout) == 1:
-                        member_layout = (None,) * len(shape)
-                    unit = units.setdefault((owner, p), Unit(f"{owner}[{p}]", shape, member_layout, packed=True))
+                    unit = units.setdefault((owner, p), Unit(f"{owner}[{p}]", shape, member_layout(layout, len(shape)),
+                                                             packed=True))
                     sinks.append(sink)
                     unit.roots.append((key, len(sinks) - 1, -1))
                 continue
@@ -151,7 +149,6 @@ class FuseMoments:
             else:
                 good[name] = unit
         return good
-
 
 
 class FuseMomentsUnpacked(FuseMoments):
