@@ -75,10 +75,6 @@ class Adam(Optimizer):
                 self.add_variable_from_reference(var, "vhat")
 
     def _alpha_eps(self, lr: jax.Array, t: jax.Array, dt: Any) -> tuple[jax.Array, jax.Array]:
-        return self.step_scalar(("adam_alpha_eps", id(lr), id(t), str(dt)),
-                                lambda: self._compute_alpha_eps(lr, t, dt))
-
-    def _compute_alpha_eps(self, lr: jax.Array, t: jax.Array, dt: Any) -> tuple[jax.Array, jax.Array]:
         b1_power = jnp.power(_via_float32(self.beta_1, dt), t)
         b2_power = jnp.power(_via_float32(self.beta_2, dt), t)
         one = jnp.asarray(1, dt)

@@ -7,7 +7,6 @@ Everything else — clipping, EMA, schedules, the counter, lowering, passes, exe
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,17 +32,12 @@ from shardopt.frontend.step import (
 )
 from shardopt.frontend.variables import Variable
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
+from shardopt.runtime.executable import array_type
 from shardopt.runtime.functional import FunctionalStep
 
 log = logging.getLogger("shardopt")
 
 State = dict[str, jax.Array]
-
-
-@functools.cache
-def _array_type() -> type:
-    """jax's concrete array class, for an exact-type fast path over the gradients (found once jax is up)."""
-    return type(jnp.zeros(()))
 
 
 class Optimizer(StateMixin, HyperparameterMixin):
@@ -102,7 +96,6 @@ class Optimizer(StateMixin, HyperparameterMixin):
         # Small variables and their slots live packed between steps (see frontend/packing.py); 0 turns it off.
         self.pack_max_elements = PACK_MAX_ELEMENTS
         self._packed: PackedState | None = None
-        self._step_scalars: dict[Any, Any] | None = None  # set while a step is traced: see `step_scalar`
         self._traced_update: Callable[..., Any] | None = None  # one jax trace per entry kind (frontend/step.py)
         self._var_avals: list[tuple[tuple[int, ...], np.dtype]] = []  # (shape, dtype) per variable, set by build
 
@@ -111,15 +104,6 @@ class Optimizer(StateMixin, HyperparameterMixin):
                      ) -> tuple[jax.Array, State]:
         """One variable's update, in its compute dtype; returns the new variable and slots."""
         raise NotImplementedError
-
-    def step_scalar(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """A value every variable's update shares (e.g. bias corrections of one dtype), traced once per step
-        instead of once per variable; `key` must name everything `compute` depends on."""
-        if self._step_scalars is None:
-            return compute()
-        if key not in self._step_scalars:
-            self._step_scalars[key] = compute()
-        return self._step_scalars[key]
 
     def update_sparse(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
                       ) -> tuple[jax.Array, State]:
@@ -158,7 +142,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
             return self.iterations
         if not self._built:
             self.build([v for _, v in pairs])
-        index_of, avals, array_type = self._index, self._var_avals, _array_type()
+        index_of, avals, exact = self._index, self._var_avals, array_type()
         signature, grad_arrays, indices = [], [], []
         dropped = []
         for g, v in pairs:
@@ -169,7 +153,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
                 dropped.append(v.name)
                 continue
             indices.append(index)
-            if type(g) is array_type and (g.aval.shape, g.aval.dtype) == avals[index]:
+            if type(g) is exact and (g.aval.shape, g.aval.dtype) == avals[index]:
                 signature.append(index)  # the common case: a dense gradient of the variable's shape and dtype
                 grad_arrays.append(g)
             else:

@@ -103,6 +103,13 @@ class PackedState:
     member_of: dict[str, tuple[int, int]]   # variable name -> (pack index, member index)
 
 
+def _packed_buffer(group: PackGroup, sharding: NamedSharding, member_shardings: tuple[NamedSharding, ...],
+                   values: list[jax.Array]) -> PackedBuffer:
+    """A new buffer packing `values` (one per member, wherever they live)."""
+    values = jax.device_put(values, [_on_mesh(sharding.mesh, m) for m in member_shardings])
+    return PackedBuffer(group, _packer(group, sharding)(values), sharding, member_shardings)
+
+
 def pack_state(variables: Sequence[Variable], slots: Sequence[dict[str, Variable]], slot_names: Sequence[str],
                mesh: Mesh, max_elements: int) -> PackedState:
     """Packs the small variables (and their slots) that share a dtype and packable layout; attaches views."""
@@ -126,14 +133,9 @@ def pack_state(variables: Sequence[Variable], slots: Sequence[dict[str, Variable
         member_shardings = tuple(NamedSharding(mesh, PartitionSpec(*group.member_layout(len(m.shape))))
                                  for m in group.members)
         holders = [by_name[m.name] for m in group.members]
-
-        def make(values: list[jax.Array], group: PackGroup = group, sharding: NamedSharding = sharding,
-                 member_shardings: tuple[NamedSharding, ...] = member_shardings) -> PackedBuffer:
-            values = jax.device_put(values, [_on_mesh(sharding.mesh, m) for m in member_shardings])
-            return PackedBuffer(group, _packer(group, sharding)(values), sharding, member_shardings)
-
-        var_buffer = make([v.value for v, _ in holders])
-        slot_buffers = {s: make([own[s].value for _, own in holders]) for s in slot_names}
+        var_buffer = _packed_buffer(group, sharding, member_shardings, [v.value for v, _ in holders])
+        slot_buffers = {s: _packed_buffer(group, sharding, member_shardings, [own[s].value for _, own in holders])
+                        for s in slot_names}
         for i, (var, own) in enumerate(holders):
             var._attach(var_buffer, i)
             for s in slot_names:

@@ -8,6 +8,7 @@ decay, the definition's update per variable, EMA (and its overwrite), counter in
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -149,8 +150,7 @@ def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None,
 
         new_vars, new_slots = _update_entries(opt, entries, variables, grad_args, slots, iterations, lr)
         variables.update(new_vars)
-        for name, updated in new_slots.items():
-            slots[name] = updated
+        slots.update(new_slots)
         out_vars = [p.pack([variables[m.name] for m in p.members]) for p in packs]
         out_vars += [variables[e.name] for e in loose]
         out_slots = [p.pack([slots[m.name][s] for m in p.members]) for p in packs for s in pack_slots]
@@ -161,16 +161,22 @@ def make_step_fn(opt: Optimizer, entries: list[StepEntry], schedule: Any | None,
     return step
 
 
+def _gradient_args(entries: list[StepEntry], grad_args: list[jax.Array]
+                   ) -> list[tuple[jax.Array, jax.Array | None]]:
+    """Each entry's gradient argument and, for a sparse gradient, its row indices (None for a dense one)."""
+    out, k = [], 0
+    for e in entries:
+        out.append((grad_args[k], None if e.sparse_rows is None else grad_args[k + 1]))
+        k += 1 if e.sparse_rows is None else 2
+    return out
+
+
 def _gathered_gradients(pack: PackGroup, entries: list[StepEntry], grad_args: list[jax.Array]) -> jax.Array:
     """The pack's gradients concatenated as `fuse-moments` concatenates them for its chain (so `cleanup`'s CSE
     makes them one value, which XLA then writes into the donated gradient buffer instead of a temporary). Members
     without a dense gradient of their own shape and dtype contribute zeros: the buffer is scratch, never read."""
-    dense: dict[str, jax.Array] = {}
-    k = 0
-    for e in entries:
-        if e.sparse_rows is None and e.grad_shape is None:
-            dense[e.name] = grad_args[k]
-        k += 1 if e.sparse_rows is None else 2
+    dense = {e.name: g for e, (g, idx) in zip(entries, _gradient_args(entries, grad_args), strict=True)
+             if idx is None and e.grad_shape is None}
     pieces = []
     for m in pack.members:
         g = dense.get(m.name)
@@ -183,29 +189,22 @@ def _update_entries(opt: Optimizer, entries: list[StepEntry], variables: dict[st
                     grad_args: list[jax.Array], slots: dict[str, dict[str, jax.Array]], iterations: jax.Array,
                     lr: jax.Array) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
     """Clipping, densifying, weight decay, the definition's update and EMA for every entry (by name)."""
-    raw, indices, k = [], [], 0
-    for e in entries:
-        # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm
-        # of 256, which would turn every gradient into NaN (global) or zero (per tensor).
-        raw.append(grad_args[k].astype(compute_dtype(e.dtype)))
-        indices.append(None if e.sparse_rows is None else grad_args[k + 1])
-        k += 1 if e.sparse_rows is None else 2
+    args = _gradient_args(entries, grad_args)
+    # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm of 256,
+    # which would turn every gradient into NaN (global) or zero (per tensor).
+    raw = [g.astype(compute_dtype(e.dtype)) for e, (g, _) in zip(entries, args, strict=True)]
     clipped = clipping.clip_gradients(raw, opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
 
     new_vars: dict[str, jax.Array] = {}
     new_slots: dict[str, dict[str, jax.Array]] = {}
     per_dtype: dict[np.dtype, tuple[jax.Array, jax.Array]] = {}  # (t, lr) once per compute dtype, not per variable
-    opt._step_scalars = {}
-    try:
-        for e, g, idx in zip(entries, clipped, indices, strict=True):
-            ct = compute_dtype(e.dtype)
-            if ct not in per_dtype:
-                per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
-            update = _traced_once(opt)
-            new_vars[e.name], new_slots[e.name] = update(dataclasses.replace(e, name=""), variables[e.name], g, idx,
-                                                         slots[e.name], *per_dtype[ct], iterations)
-    finally:
-        opt._step_scalars = None
+    update = _traced_once(opt)
+    for e, g, (_, idx) in zip(entries, clipped, args, strict=True):
+        ct = compute_dtype(e.dtype)
+        if ct not in per_dtype:
+            per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
+        new_vars[e.name], new_slots[e.name] = update(dataclasses.replace(e, name=""), variables[e.name], g, idx,
+                                                     slots[e.name], *per_dtype[ct], iterations)
     return new_vars, new_slots
 
 
@@ -213,17 +212,9 @@ def _traced_once(opt: Optimizer) -> Callable[..., Any]:
     """`_update_entry` under `jax.jit`, keyed by the entry without its name: jax traces the update once per
     distinct (shape, dtype, layout, gradient kind) instead of once per variable, and lowers each call to a
     `func.call` of one shared function that `inline-calls` inlines (2000 same-shaped variables: one trace)."""
-    cached = opt._traced_update
-    if cached is None:
-        def traced(e: StepEntry, *args: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            outer, opt._step_scalars = opt._step_scalars, {}  # step_scalar keys are tracer ids: one dict per trace
-            try:
-                return _update_entry(opt, e, *args)
-            finally:
-                opt._step_scalars = outer
-
-        cached = opt._traced_update = jax.jit(traced, static_argnums=(0,))
-    return cached
+    if opt._traced_update is None:
+        opt._traced_update = jax.jit(functools.partial(_update_entry, opt), static_argnums=(0,))
+    return opt._traced_update
 
 
 def _update_entry(opt: Optimizer, e: StepEntry, var: jax.Array, g: jax.Array, idx: jax.Array | None,

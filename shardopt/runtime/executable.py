@@ -24,8 +24,8 @@ from shardopt.frontend.layout import same_mesh
 
 
 @functools.cache
-def _array_type() -> type:
-    """jax's concrete array class (for an exact-type fast path), found once jax's backend is up."""
+def array_type() -> type:
+    """jax's concrete array class (for exact-type fast paths over many arguments), found once jax's backend is up."""
     return type(jax.numpy.zeros(()))
 
 
@@ -87,9 +87,9 @@ class CompiledStep:
             raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
         out = list(args)
         accepted, shapes, dtypes = self._accepted, self._shapes, self._dtypes
-        array_type = _array_type()
+        exact = array_type()
         for i, a in enumerate(args):
-            if type(a) is array_type:
+            if type(a) is exact:
                 aval = a.aval
                 if (aval.shape == shapes[i] and aval.dtype == dtypes[i] and not a.is_deleted()
                         and a.sharding is accepted[i]):
