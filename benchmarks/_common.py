@@ -447,10 +447,10 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 def convention_args(exe: Any, opt: Any, by_name: dict[str, Any], grad_by_name: dict[str, Any],
                     lr_array: Any) -> list[Any]:
     """The optimizer's arrays in a compiled step's calling-convention order, as `apply_gradients` assembles them."""
-    from shardopt.frontend.convention import COUNTER, GRADIENT, GRADIENT_BUFFER, HYPERPARAMETER, SLOT, VARIABLE
+    from shardopt.core.contract import COUNTER, GRADIENT, GRADIENT_BUFFER, HYPERPARAMETER, SLOT, VARIABLE
 
     out: list[Any] = []
-    for spec in exe.convention.args:
+    for spec in exe.contract.args:
         if spec.role in (VARIABLE, SLOT, GRADIENT_BUFFER):
             out.append(opt.state_holder(spec.name).value)  # a variable, a slot, or a packed buffer
         elif spec.role == GRADIENT:
@@ -466,9 +466,9 @@ def convention_args(exe: Any, opt: Any, by_name: dict[str, Any], grad_by_name: d
 
 def write_back(exe: Any, opt: Any, outs: list[Any]) -> None:
     """A direct call's results into the optimizer, as `apply_gradients` stores them (its donated arrays are gone)."""
-    from shardopt.frontend.convention import COUNTER, GRADIENT_BUFFER, SLOT, VARIABLE
+    from shardopt.core.contract import COUNTER, GRADIENT_BUFFER, SLOT, VARIABLE
 
-    for spec, value in zip(exe.convention.results, outs, strict=True):
+    for spec, value in zip(exe.contract.results, outs, strict=True):
         if spec.role in (VARIABLE, SLOT, GRADIENT_BUFFER):
             opt.state_holder(spec.name)._set(value)  # a variable, a slot, or a packed buffer
         elif spec.role == COUNTER:

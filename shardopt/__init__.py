@@ -14,26 +14,28 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (a module itself when the name is the module's last component)
 _EXPORTS: dict[str, str] = {
-    "Adam": "shardopt.frontend.adam",
-    "ArtifactError": "shardopt.runtime.container",
+    "Adam": "shardopt.optimizers.adam",
+    "ArtifactError": "shardopt.core.errors",
     "EMAOption": "shardopt.frontend.options",
     "GradientsClipOption": "shardopt.frontend.options",
-    "IndexedSlices": "shardopt.frontend.variables",
-    "Layout": "shardopt.frontend.layout",
-    "Optimizer": "shardopt.frontend.optimizer",
-    "PassError": "shardopt.passes.base",
-    "StepInputError": "shardopt.runtime.executable",
-    "UNSHARDED": "shardopt.frontend.layout",
-    "Variable": "shardopt.frontend.variables",
-    "VariableSpec": "shardopt.frontend.variables",
+    "IndexedSlices": "shardopt.core.specs",
+    "Layout": "shardopt.core.layout",
+    "Optimizer": "shardopt.optimizers.base",
+    "PassError": "shardopt.core.errors",
+    "StepContract": "shardopt.core.contract",
+    "StepInputError": "shardopt.core.errors",
+    "UNSHARDED": "shardopt.core.layout",
+    "Variable": "shardopt.optimizers.variables",
+    "VariableSpec": "shardopt.core.specs",
     "as_optax": "shardopt.runtime.jax_embed",
-    "load": "shardopt.runtime.artifact",
+    "load": "shardopt.runtime.functional",
     "schedules": "shardopt.frontend.schedules",
 }
 
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adam", "ArtifactError", "EMAOption", "GradientsClipOption", "IndexedSlices", "Layout", "Optimizer", "PassError",
-    "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "load", "schedules", "__version__",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "load", "schedules",
+    "__version__",
 ]
 
 
@@ -52,14 +54,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from shardopt.core.contract import StepContract
+    from shardopt.core.errors import ArtifactError, PassError, StepInputError
+    from shardopt.core.layout import UNSHARDED, Layout
+    from shardopt.core.specs import IndexedSlices, VariableSpec
     from shardopt.frontend import schedules
-    from shardopt.frontend.adam import Adam
-    from shardopt.frontend.layout import UNSHARDED, Layout
-    from shardopt.frontend.optimizer import Optimizer
     from shardopt.frontend.options import EMAOption, GradientsClipOption
-    from shardopt.frontend.variables import IndexedSlices, Variable, VariableSpec
-    from shardopt.passes.base import PassError
-    from shardopt.runtime.artifact import load
-    from shardopt.runtime.container import ArtifactError
-    from shardopt.runtime.executable import StepInputError
+    from shardopt.optimizers.adam import Adam
+    from shardopt.optimizers.base import Optimizer
+    from shardopt.optimizers.variables import Variable
+    from shardopt.runtime.functional import load
     from shardopt.runtime.jax_embed import as_optax

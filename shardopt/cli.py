@@ -90,7 +90,7 @@ def optimizer_config(doc: Any) -> tuple[str, dict[str, Any]]:
 def optimizer_class(name: str) -> type:
     """The shardopt optimizer class called `name` (case-insensitive)."""
     import shardopt
-    from shardopt.frontend.optimizer import Optimizer
+    from shardopt.optimizers.base import Optimizer
 
     known = {}
     for export in shardopt.__all__:
@@ -105,8 +105,8 @@ def optimizer_class(name: str) -> type:
 
 def variable_specs(doc: Any, mesh: Any) -> dict[str, Any]:
     """The nested dict of VariableSpecs that `--variables` describes."""
-    from shardopt.frontend.layout import UNSHARDED, Layout
-    from shardopt.frontend.variables import VariableSpec
+    from shardopt.core.layout import UNSHARDED, Layout
+    from shardopt.core.specs import VariableSpec
 
     if not isinstance(doc, dict) or not doc:
         raise ValueError("--variables: expected a non-empty JSON object of name -> {shape, dtype, layout}")
@@ -158,8 +158,9 @@ def smoke_run(step: Any, steps: int, seed: int = 0) -> dict[str, Any]:
         params, state = step(params, grads, state)
         jax.block_until_ready((params, state))
         times.append(time.perf_counter() - t0)
+    slots = step.slots(state)
     leaves = [*jax.tree_util.tree_leaves(params),
-              *(x for s in step.slot_names for x in jax.tree_util.tree_leaves(state["slots"][s])),
+              *(x for s in step.slot_names for x in jax.tree_util.tree_leaves(slots[s])),
               state["iterations"]]
     digest = hashlib.sha256()
     total = 0.0
@@ -208,7 +209,7 @@ def _load(path: str) -> Any:
     from shardopt.runtime.container import read_manifest
 
     ensure_cpu_devices(int(read_manifest(path)["mesh"]["device_count"]))
-    from shardopt.runtime.artifact import load
+    from shardopt.runtime.functional import load
 
     return load(path)
 

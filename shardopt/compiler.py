@@ -1,21 +1,25 @@
-"""The whole compiler for one step: frontend lowering, the pass pipeline, then a PJRT executable.
+"""The one entry point that compiles a step, for every caller (the stateful optimizer, `compile()`, the CLI, the
+benchmarks): contract, frontend lowering, the pass pipeline, then a PJRT executable.
 
 `StepProgram` keeps every stage so users can inspect what each part of the compiler did.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import jax
 from jax.sharding import Mesh
 
 from shardopt import ir as sir
-from shardopt.frontend.convention import CallingConvention
+from shardopt.core.contract import StepContract, StepEntry, build_contract
+from shardopt.core.errors import PassError
+from shardopt.core.packing import PackGroup
+from shardopt.core.records import PipelineResult
 from shardopt.frontend.lowering import LoweredStep, lower_step
-from shardopt.passes.base import PassError
-from shardopt.passes.pipeline import DEFAULT_PIPELINE, PipelineResult, run_pipeline
+from shardopt.frontend.step import UpdateRule, make_step_fn
+from shardopt.passes.pipeline import DEFAULT_PIPELINE, run_pipeline
 from shardopt.runtime.executable import CompiledStep
 
 
@@ -25,24 +29,41 @@ class StepProgram:
 
     lowered: LoweredStep
     pipeline: PipelineResult
-    convention: CallingConvention
+    contract: StepContract
     executable: CompiledStep
 
+    @property
+    def convention(self) -> StepContract:
+        """Deprecated name of `contract`."""
+        return self.contract
 
-def finalize_convention(module_text: str, convention: CallingConvention) -> CallingConvention:
-    """The convention with the layouts the pipeline settled on; every boundary layout must be closed."""
+
+def finalize_contract(module_text: str, contract: StepContract) -> StepContract:
+    """The contract with the layouts the pipeline settled on; every boundary layout must be closed."""
     args, results = sir.boundary_layouts(module_text)
-    for spec, lay in [*zip(convention.args, args, strict=True), *zip(convention.results, results, strict=True)]:
+    for spec, lay in [*zip(contract.args, args, strict=True), *zip(contract.results, results, strict=True)]:
         if lay is None:
             raise PassError(f"{spec.name}: the pipeline left its layout open; run propagate-layouts")
-    return convention.with_layouts(args, results)
+    return contract.with_layouts(args, results)
 
 
-def compile_step(fn: Callable[..., tuple[jax.Array, ...]], convention: CallingConvention, mesh: Mesh,
+finalize_convention = finalize_contract  # the name before the step contract
+
+
+def compile_step(rule: UpdateRule, entries: Sequence[StepEntry], mesh: Mesh, *, schedule: Any | None = None,
+                 packs: tuple[PackGroup, ...] = (), slot_names: tuple[str, ...] = (),
                  pipeline: Sequence[str] = DEFAULT_PIPELINE) -> StepProgram:
-    """Lowers `fn`, runs `pipeline` on it and prepares the result for execution on `mesh`."""
-    lowered = lower_step(fn, convention, mesh)
+    """Compiles the step of `rule` for `entries` on `mesh`: the learning rate is `schedule` (compiled in) or a
+    runtime input; the slots of `packs`' members live packed."""
+    mesh_axes = tuple(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    contract = build_contract(list(entries), mesh_axes, has_lr_input=schedule is None, packs=packs,
+                              slot_names=slot_names)
+    fn = make_step_fn(rule, contract, list(entries), schedule)
+    lowered = lower_step(fn, contract, mesh)
     result = run_pipeline(lowered.module_text, pipeline)
-    final = finalize_convention(result.final_text, convention)
+    final = finalize_contract(result.final_text, contract)
     executable = CompiledStep.from_module(result.final_text, final, lowered.exported, mesh)
     return StepProgram(lowered, result, final, executable)
+
+
+__all__ = ["StepProgram", "compile_step", "finalize_contract"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from jax.sharding import Mesh
 
-from shardopt.frontend.layout import UNSHARDED, Layout
-from shardopt.frontend.variables import VariableSpec
+from shardopt.core.layout import UNSHARDED, Layout
+from shardopt.core.specs import VariableSpec
 
 
 def gpt2_small(mesh: Mesh | None = None, model_axis: str = "model", n_layer: int = 12, d_model: int = 768,

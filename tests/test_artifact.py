@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import shardopt
-from shardopt.runtime import artifact, container
+from shardopt.runtime import artifact, container, functional
 from shardopt.runtime.container import HEADER_SIZE, TRAILER, ArtifactError, read_container, read_manifest
 
 STEPS = 3
@@ -120,7 +120,8 @@ def test_manifest_describes_the_step(saved):
     assert m["format"] == "shardopt-artifact" and m["format_version"] == 1 and m["kind"] == "optimizer-step"
     assert set(m["versions"]) >= {"shardopt", "jax", "jaxlib", "stablehlo", "stablehlo_target"}
     assert m["versions"]["jax"] == jax.__version__
-    assert m["mesh"] == {"axes": [["batch", 2], ["model", 4]], "device_count": 8}
+    assert m["mesh"] == {"axes": [["batch", 2], ["model", 4]], "device_count": 8,
+                         "axis_types": ["Explicit", "Explicit"]}
     assert m["platforms"] == ["cpu"]
     assert m["optimizer"]["class_name"] == "Adam" and m["optimizer"]["config"]["use_ema"] is True
     assert m["pipeline"] == list(saved["step"].pipeline)
@@ -202,7 +203,7 @@ def test_damaged_files_are_rejected_with_the_reason(saved, tmp_path, how, messag
 def test_package_exports_are_lazy_and_complete():
     assert set(shardopt.__all__) == {*shardopt._EXPORTS, "__version__"}
     assert all(getattr(shardopt, name) is not None for name in shardopt.__all__)
-    assert shardopt.load is artifact.load
+    assert shardopt.load is functional.load
 
 
 def test_a_flipped_byte_in_each_payload_names_that_payload(saved, tmp_path):

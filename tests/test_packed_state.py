@@ -10,7 +10,7 @@ from fusion_testlib import adam
 
 import shardopt
 from shardopt import UNSHARDED, IndexedSlices, Layout
-from shardopt.frontend.packing import PACK_MAX_ELEMENTS, plan_packs
+from shardopt.core.packing import PACK_MAX_ELEMENTS, plan_packs
 
 AXES = {"batch": 2, "model": 4}
 
@@ -116,17 +116,19 @@ def test_views_read_assign_and_layouts(mesh):
     rng = np.random.default_rng(3)
     opt.apply_gradients(zip(_grads(variables, rng), variables, strict=True))
     rows0 = variables[0]
-    assert rows0._view is not None and variables[5]._view is None
+    # Variables stay the user's own arrays (reading one is free); their slots are views of the packs.
+    assert all(v._view is None for v in variables)
     assert rows0.sharding.spec == jax.sharding.PartitionSpec("model", None)
     assert rows0.value.sharding.is_equivalent_to(rows0.sharding, 2)
     before = np.asarray(rows0.value)
-    neighbour = variables[1].numpy()  # rows1 shares rows0's buffer
     rows0.assign(np.full((8, 4), 2.0, np.float32))
     np.testing.assert_array_equal(rows0.numpy(), 2.0)
-    np.testing.assert_array_equal(variables[1].numpy(), neighbour)  # the rest of the buffer is untouched
     m = opt.get_slot(rows0, "m")
-    assert m._view is not None and m.shape == (8, 4)
+    assert m._view is not None and m.shape == (8, 4) and opt.get_slot(variables[5], "m")._view is None
+    assert m.value.sharding.spec == jax.sharding.PartitionSpec("model", None)
+    neighbour = opt.get_slot(variables[1], "m").numpy()  # rows1's m shares rows0's m buffer
     m.assign(np.zeros((8, 4), np.float32))
+    np.testing.assert_array_equal(opt.get_slot(variables[1], "m").numpy(), neighbour)  # the rest is untouched
     opt.apply_gradients([(jnp.ones((8, 4), jnp.float32), rows0)])  # a gradient for one member only
     after = rows0.numpy()
     assert not np.array_equal(after, 2.0) and not np.array_equal(after, before)
@@ -134,7 +136,7 @@ def test_views_read_assign_and_layouts(mesh):
     with pytest.raises(ValueError, match="shape"):
         rows0.assign(np.zeros((4, 8), np.float32))
     with pytest.raises(RuntimeError, match="packed"):
-        rows0.place(Layout.replicated(mesh, 2))
+        m.place(Layout.replicated(mesh, 2))
 
 
 def test_partial_gradients_leave_other_members_alone(mesh):
@@ -182,14 +184,17 @@ def test_refused_step_loses_nothing(mesh):
     for x, y in zip([v.numpy() for v in variables] + [s.numpy() for s in opt.variables], snapshot, strict=True):
         np.testing.assert_array_equal(x, y)
     grads = _grads(variables, rng)
-    grads[2] = variables[2].value  # a packed variable's value is a copy cut out of the buffer: a valid gradient
+    grads[2] = variables[2].value  # the variable's own (donated) array as its gradient: refused, nothing lost
+    with pytest.raises(ValueError, match="donated"):
+        opt.apply_gradients(zip(grads, variables, strict=True))
+    grads[2] = variables[2].value + 0  # a copy is a valid gradient
     opt.apply_gradients(zip(grads, variables, strict=True))
     assert np.isfinite(variables[2].numpy()).all()
 
 
 def test_two_optimizers_share_variables(mesh):
-    """Variables packed by one optimizer and then also updated by another stay one value: the second optimizer
-    keeps them loose and writes through the first one's buffer, exactly as without packing."""
+    """Two optimizers updating the same variables each pack their own slots; the variables stay one value
+    (the user's arrays), exactly as without packing."""
     def run(packed):
         variables = _variables(mesh)[:4]
         first = adam(mesh, packed=packed, learning_rate=0.01)
@@ -198,7 +203,7 @@ def test_two_optimizers_share_variables(mesh):
         for step in range(4):
             opt = first if step % 2 == 0 else second
             opt.apply_gradients(zip(_grads(variables, rng), variables, strict=True))
-        assert not second.packs
+        assert bool(first.packs) == bool(second.packs) == packed
         return [v.numpy() for v in variables]
     for x, y in zip(run(True), run(False), strict=True):
         np.testing.assert_array_equal(x, y)

@@ -10,9 +10,9 @@ from typing import Any, ClassVar, Protocol
 
 from jaxlib.mlir import ir
 
+from shardopt.core.errors import PassError  # defined in the data layer; re-exported for the passes
 
-class PassError(ValueError):
-    """A pass met IR or layouts it cannot accept; the message names the tensor, dimension and axis."""
+__all__ = ["Pass", "PassError"]
 
 
 class Pass(Protocol):

@@ -9,13 +9,16 @@ into one tensor, runs the chain once on the packed tensors and slices each resul
 then deletes the dead per-variable ops. Elementwise math on packed data is bitwise the same as per variable.
 
 Where the results go decides whether fusing pays:
-- **Packed state** (frontend/packing.py, what `apply_gradients` runs): a pack's variables and slots arrive as one
-  buffer each, members are cut out (`slice`, `reshape`) and the results are packed again (`concatenate`). A unit
-  is one member (a piece of those concatenates; jax's concatenate trees are flattened first). After fusing, the
-  pass folds `concatenate` of consecutive slices into the sliced buffer itself, so the cut-outs of the state and
-  the re-packing disappear: one chain reads the packed state and its result *is* the packed result. Only the
-  gradients (one buffer per variable) are concatenated. On XLA:CPU that is 3 loop kernels per group instead of
-  3 per variable and 3 result buffers instead of 3 per variable.
+- **Packed state** (core/packing.py, what every step runs): a pack's slots arrive as one buffer each, members
+  are cut out (`slice`, `reshape`) and the results are packed again (`concatenate`). The pass knows a packed
+  result from its IR attributes alone (`shardopt.pack`, and `shardopt.members` naming the member of each
+  concatenated piece; jax's concatenate trees are flattened first). A unit is one member: its packed slot
+  results and its own variable result. The slot chains of a group run once on the packed buffers; after fusing,
+  the pass folds `concatenate` of consecutive slices into the sliced buffer itself, so the cut-outs of the state
+  and the re-packing disappear: the chain reads the packed state and its result *is* the packed result. Only the
+  gradients are concatenated (into the pack's donated gradient buffer). Each variable, the user's own array,
+  keeps its own small update, which now reads its slice of the new packed slots: on XLA:CPU 2 loop kernels over
+  the pack plus one small kernel per variable, instead of 3 per variable, and 2 result buffers per pack.
 - **One result buffer per variable** (`compile()`'s calling convention): XLA:CPU writes every result buffer with
   its own loop kernel (no multi-output loop fusion), so after fusing it re-fuses the packed chain into one kernel
   per slice and materialises the concatenated inputs: more bytes, temp memory and compile time. Measured (2000 x
@@ -44,8 +47,8 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
-from shardopt.frontend.convention import SLOT, VARIABLE
-from shardopt.frontend.packing import PACK_PREFIX, member_layout
+from shardopt.core.contract import SLOT, VARIABLE
+from shardopt.core.packing import member_layout
 from shardopt.passes import fusion_ir as fir
 from shardopt.passes.base import PassError
 from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for
@@ -70,7 +73,7 @@ class FuseMoments:
         skipped: Counter[str] = Counter()
         sinks: list[Sink] = []
         units = self._units(fn, ret, sinks, skipped)
-        groups: dict[tuple[str, str], list[tuple[Unit, Packing]]] = {}
+        groups: dict[tuple[str, str, tuple[bool, ...]], list[tuple[Unit, Packing]]] = {}
         for unit in units.values():
             if not unit.packed and not self.unpacked_results:
                 skipped["results not packed"] += len(unit.roots)
@@ -79,7 +82,8 @@ class FuseMoments:
             if packing is None:
                 skipped["no unsharded dimension"] += len(unit.roots)
                 continue
-            groups.setdefault((unit.fingerprint, pack_key), []).append((unit, packing))
+            kinds = tuple(sinks[j].op.name == "stablehlo.concatenate" for _, j, _ in unit.roots)
+            groups.setdefault((unit.fingerprint, pack_key, kinds), []).append((unit, packing))
         sizes: Counter[int] = Counter()
         fused_groups = packed_leaves = 0
         position = {op.operation: i for i, op in enumerate(block.operations)}
@@ -94,10 +98,13 @@ class FuseMoments:
                     # or the return); everything it reads is defined before that. Found before any rewriting.
                     anchor = min((sinks[j].op for u, _ in chunk for _, j, _ in u.roots), key=position.__getitem__)
                     chunks.append((chunk, anchor))
+        late: list[ir.Operation] = []  # ops that now read a packed result but sit before it
         for chunk, anchor in chunks:
             with ir.InsertionPoint(anchor), ret.location:
-                packed_leaves += _fuse(chunk, ret, sinks)
+                packed_leaves += _fuse(chunk, ret, sinks, late, self.unpacked_results)
             fused_groups += 1
+        # positions anew: an Operation's hash follows its operands, which the fusion has just rewired
+        moved = _move_after_packed(late, {op.operation: i for i, op in enumerate(block.operations)}, ret)
         folded = 0
         if fused_groups:
             fir.run_textual(module, "canonicalize")  # reshape(reshape(x)) -> x: packed pieces become slices
@@ -108,6 +115,7 @@ class FuseMoments:
             "tensors_per_group": {str(k): v for k, v in sorted(sizes.items())},
             "packed_leaves": packed_leaves,
             "pack_copies_folded": folded,
+            "variable_updates_moved": moved,
             "results_unfused": dict(skipped),
             "ops_before": ops_before,
             "ops_after": sum(sir.op_counts(module).values()),
@@ -115,29 +123,37 @@ class FuseMoments:
 
     @staticmethod
     def _units(fn: Any, ret: ir.Operation, sinks: list[Sink], skipped: Counter[str]) -> dict[Any, Unit]:
+        """One unit per variable: its variable result and slot results, wherever they go (read from the IR's
+        `shardopt.*` attributes: role, name, owner, slot, pack and the pack's members)."""
         units: dict[Any, Unit] = {}
         for j, attrs in enumerate(sir.result_attrs(fn)):
             role = sir.string_attr(attrs.get("shardopt.role"))
             name = sir.string_attr(attrs.get("shardopt.name")) or ""
             if role not in (VARIABLE, SLOT):
                 continue
-            owner = name if role == VARIABLE else sir.string_attr(attrs.get("shardopt.owner"))
+            key = "variable" if role == VARIABLE else (sir.string_attr(attrs.get("shardopt.slot")) or name)
             layout = sir.layout_from_sharding(attrs.get("sdy.sharding"))
-            if owner is None or layout is None:
-                raise PassError(f"result {name or j}: no owner or closed layout; run propagate-layouts first")
-            key = "variable" if role == VARIABLE else name.split("/", 1)[0]
-            value = fir.look_through(ret.operands[j])
-            concat = fir.op_of(value)
-            if owner.startswith(PACK_PREFIX) and concat is not None and concat.name == "stablehlo.concatenate":
-                # A packed result: each concatenated piece is one member's new value (see frontend/packing.py).
-                for p, piece in enumerate(concat.operands):
+            if layout is None:
+                raise PassError(f"result {name or j}: no closed layout; run propagate-layouts first")
+            members = attrs.get("shardopt.members")
+            if attrs.get("shardopt.pack") is not None and members is not None:
+                member_names = [ir.StringAttr(m).value for m in ir.ArrayAttr(members)]
+                concat = fir.op_of(fir.look_through(ret.operands[j]))
+                if (concat is None or concat.name != "stablehlo.concatenate"
+                        or len(concat.operands) != len(member_names)):
+                    skipped["packed result is not one piece per member"] += len(member_names)
+                    continue
+                for p, (member, piece) in enumerate(zip(member_names, concat.operands, strict=True)):
                     sink = Sink(concat, p, tuple(fir.shape_of(piece)))
                     shape = fir.shape_of(sink.value())
-                    unit = units.setdefault((owner, p), Unit(f"{owner}[{p}]", shape, member_layout(layout, len(shape)),
-                                                             packed=True))
+                    unit = units.setdefault(member, Unit(member, shape, member_layout(layout, len(shape))))
+                    unit.packed = True
                     sinks.append(sink)
                     unit.roots.append((key, len(sinks) - 1, -1))
                 continue
+            owner = name if role == VARIABLE else sir.string_attr(attrs.get("shardopt.owner"))
+            if owner is None:
+                raise PassError(f"result {name or j}: a slot with neither an owner nor a pack")
             unit = units.setdefault(owner, Unit(owner, fir.shape_of(ret.operands[j]), layout))
             sinks.append(Sink(ret, j, tuple(fir.shape_of(ret.operands[j]))))
             unit.roots.append((key, len(sinks) - 1, -1))
@@ -159,8 +175,13 @@ class FuseMomentsUnpacked(FuseMoments):
     unpacked_results: ClassVar[bool] = True
 
 
-def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink]) -> int:
-    """Emits the packed chain for `chunk` before `ret` and rewires its results; returns the packed leaves."""
+def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink], late: list[ir.Operation],
+          all_results: bool) -> int:
+    """Emits the packed chain for `chunk` at the insertion point and rewires its results; returns the packed
+    leaves. Results that go into a pack take their slice of the packed chain; a result returned in a buffer of
+    its own (the user's variable) keeps its per-variable ops, which now read the slices of the packed values
+    they used (those ops are collected in `late`: they may sit before the packed chain). With `all_results`
+    every result takes its slice of the packed chain (fuse-moments{unpacked=true})."""
     units = [u for u, _ in chunk]
     packing = chunk[0][1]
     pieces = [packing.piece(u.shape) for u in units]
@@ -197,18 +218,54 @@ def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink
                     parts.append(v if fir.shape_of(v) == piece else hlo.reshape(ptype_i, v))
             packed.append(fir.constraint(hlo.ConcatenateOp(parts, dim).result, packing.layout))
             leaves += 1
-    for r, (_, _, root) in enumerate(units[0].roots):
+    def parts(root: int) -> list[ir.Value]:
+        """The slice of packed node `root` that belongs to each unit, in the packed piece's shape."""
         result = fir.constraint(packed[root], packing.layout)
-        offset = 0
-        for u, piece in zip(units, pieces, strict=True):
-            start = [0] * len(piece)
-            limit = list(piece)
+        out, offset = [], 0
+        for piece in pieces:
+            start, limit = [0] * len(piece), list(piece)
             start[dim], limit[dim] = offset, offset + piece[dim]
             offset += piece[dim]
-            part = hlo.slice(result, start, limit, [1] * len(piece))
-            elt = fir.element_type(part)
+            out.append(hlo.slice(result, start, limit, [1] * len(piece)))
+        return out
+
+    def reshaped(part: ir.Value, shape: Any) -> ir.Value:
+        if list(shape) == fir.shape_of(part):
+            return part
+        return hlo.reshape(ir.RankedTensorType.get(list(shape), fir.element_type(part)), part)
+
+    packed_roots = []
+    for r, (_, j, root) in enumerate(units[0].roots):
+        into_pack = sinks[j].op.name == "stablehlo.concatenate"
+        if not (into_pack or all_results):
+            continue  # the variable's own result: its per-variable ops stay (below)
+        packed_roots.append(root)
+        for u, part in zip(units, parts(root), strict=True):
             sink = sinks[u.roots[r][1]]
-            if list(sink.shape) != list(piece):
-                part = hlo.reshape(ir.RankedTensorType.get(list(sink.shape), elt), part)
-            sink.op.operands[sink.index] = part
+            sink.op.operands[sink.index] = reshaped(part, sink.shape)
+    if len(packed_roots) < len(units[0].roots):
+        for root in dict.fromkeys(packed_roots):
+            for u, part in zip(units, parts(root), strict=True):
+                old = u.nodes[root].value
+                late.extend(use.owner.operation for use in old.uses)
+                old.replace_all_uses_with(reshaped(part, u.shape))
     return leaves
+
+
+def _move_after_packed(late: list[ir.Operation], position: dict[ir.Operation, int], ret: ir.Operation) -> int:
+    """Moves `late` and everything that uses them, in their order, to just before `ret`: they now read values of
+    a packed chain that was inserted after them. Each op keeps its operands (all defined before its old place)
+    and its users (moved with it, in order). Returns the number of ops moved."""
+    seen: set[ir.Operation] = set()
+    stack = [op for op in late if op in position]
+    while stack:
+        op = stack.pop()
+        if op in seen or op == ret:
+            continue
+        seen.add(op)
+        for result in op.results:
+            stack.extend(use.owner.operation for use in result.uses)
+    moving = sorted((op for op in seen if op in position), key=position.__getitem__)
+    for op in moving:
+        op.move_before(ret)
+    return len(moving)

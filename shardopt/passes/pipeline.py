@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from jaxlib.mlir import ir, passmanager
 
 from shardopt import ir as sir
+from shardopt.core.records import PipelineResult, Stage
 from shardopt.passes.base import Pass, PassError
 from shardopt.passes.cleanup import Cleanup
 from shardopt.passes.fuse_clipping import FuseClipping
@@ -31,31 +31,6 @@ def register(pass_cls: type) -> type:
     """Adds a pass class to the registry under its NAME (usable as a decorator)."""
     REGISTRY[pass_cls.NAME] = pass_cls
     return pass_cls
-
-
-@dataclass
-class Stage:
-    """The IR after one pass (or the frontend's output), with that pass's statistics."""
-
-    name: str
-    text: str
-    stats: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-@dataclass
-class PipelineResult:
-    stages: list[Stage]
-
-    @property
-    def final_text(self) -> str:
-        return self.stages[-1].text
-
-    def stage(self, name: str) -> Stage:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
 
 
 def _as_mlir_pass(p: Pass, module: ir.Module, stats: dict[str, Any]):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from jaxlib.mlir import ir
 
 from shardopt import ir as sir
-from shardopt.frontend.convention import (
+from shardopt.core.contract import (
     COUNTER,
     GRADIENT,
     GRADIENT_BUFFER,
@@ -22,6 +22,7 @@ from shardopt.frontend.convention import (
     SLOT,
     VARIABLE,
 )
+from shardopt.core.layout import layout_problem
 from shardopt.passes.base import PassError
 
 FOLLOWS_OWNER = (SLOT, GRADIENT_BUFFER)
@@ -34,21 +35,9 @@ def _shape(t: ir.Type) -> list[int]:
 
 def check_layout(name: str, shape: list[int], layout: tuple[Any, ...], mesh: dict[str, int]) -> None:
     """Raises PassError when `layout` cannot lay out a tensor of `shape` on `mesh`."""
-    used: dict[str, int] = {}
-    for dim, entry in enumerate(layout):
-        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        shards = 1
-        for axis in axes:
-            if axis not in mesh:
-                raise PassError(f"{name}: dimension {dim} is sharded over unknown mesh axis {axis!r} "
-                                f"(mesh axes: {sorted(mesh)})")
-            if axis in used:
-                raise PassError(f"{name}: mesh axis {axis!r} shards both dimension {used[axis]} and {dim}")
-            used[axis] = dim
-            shards *= mesh[axis]
-        if shape[dim] % shards:
-            raise PassError(f"{name}: dimension {dim} of size {shape[dim]} is not divisible by mesh axis "
-                            f"{'x'.join(axes)} of size {shards}")
+    problem = layout_problem(shape, layout, mesh)
+    if problem:
+        raise PassError(f"{name}: {problem}")
 
 
 class PropagateLayouts:
@@ -85,7 +74,7 @@ class PropagateLayouts:
             lay = sir.layout_from_sharding(a.get("sdy.sharding"))
             rank = len(_shape(types[i]))
             owner = sir.string_attr(a.get("shardopt.owner"))
-            if roles[i] in FOLLOWS_OWNER or (roles[i] == GRADIENT and owner in layouts
+            if (roles[i] in FOLLOWS_OWNER and owner is not None) or (roles[i] == GRADIENT and owner in layouts
                                              and _shape(types[i]) == shapes.get(owner)):
                 if owner not in layouts:
                     raise PassError(f"{names[i]}: its variable {owner!r} is not an argument of @main")

@@ -10,8 +10,11 @@
   module, so a newer jax inside the StableHLO compatibility window still runs it);
 * payloads `stage/<i>:<name>`: the IR after each stage (zlib), so `inspect --stage` works on a loaded step.
 
-`shardopt.load(path)` verifies the file, checks the mesh, device count and platform, deserializes the export
-and rebuilds the `FunctionalStep`. Nothing is re-lowered: XLA compiles the stored module on the first call.
+`read(path)` (behind `shardopt.load`) verifies the file, checks the mesh, device count and platform, and
+deserializes the export and the step contract; `runtime/functional.py` rebuilds the `FunctionalStep` from them.
+Nothing is re-lowered: XLA compiles the stored module on the first call, once (the mesh is rebuilt with the
+axis types it was compiled for, so the step's results are typed like its inputs).
+This module knows the file format, not the step object: it reads a step's attributes and returns plain data.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 from jaxlib.mlir.dialects import stablehlo as hlo
 
-from shardopt.frontend.convention import SLOT, VARIABLE, CallingConvention, TensorSpec
-from shardopt.passes.pipeline import Stage
-from shardopt.runtime.container import ArtifactError, read_container, write_container
-from shardopt.runtime.executable import CompiledStep, portable_target
-from shardopt.runtime.functional import FunctionalStep
+from shardopt.core.contract import SLOT, VARIABLE, StepContract, TensorSpec
+from shardopt.core.errors import ArtifactError
+from shardopt.core.records import Stage
+from shardopt.runtime.container import read_container, write_container
+from shardopt.runtime.executable import portable_target
 
 KIND = "optimizer-step"
 EXPORTED = "exported"
@@ -136,28 +139,46 @@ def bytes_per_device(spec: TensorSpec, mesh_axes: dict[str, int]) -> int:
     return elems * np.dtype(spec.dtype).itemsize
 
 
-def slot_prefix(slot: TensorSpec) -> str:
-    """The slot's name ('m', 'v', 'average', ...) from its argument name '<slot>/<variable>'."""
-    return slot.name[: -len(slot.owner) - 1] if slot.owner and slot.name.endswith("/" + slot.owner) else slot.name
+def variables_table(contract: StepContract) -> list[dict[str, Any]]:
+    """Per variable: name, shape, dtype, layout, slot layouts, where its slots live (its own buffers or a pack)
+    and bytes per device (variable, slots)."""
+    from shardopt.core.packing import member_layout
 
-
-def variables_table(convention: CallingConvention) -> list[dict[str, Any]]:
-    """Per variable: name, shape, dtype, layout, slot layouts and bytes per device (variable, slots)."""
-    axes = dict(convention.mesh_axes)
+    axes = dict(contract.mesh_axes)
+    slot_names = contract.slot_names()
+    members = contract.member_of()
     rows = []
-    for var in (a for a in convention.args if a.role == VARIABLE):
-        slots = [a for a in convention.args if a.role == SLOT and a.owner == var.name]
+    for var in contract.args_with_role(VARIABLE):
+        packed = members.get(var.name)
+        layouts, nbytes = {}, 0
+        for slot in slot_names:
+            spec, _ = contract.slot_arg(var.name, slot)
+            if packed is None:
+                layouts[slot] = TensorSpec.to_json(spec)["layout"]
+                nbytes += bytes_per_device(spec, axes)
+            else:
+                member = TensorSpec(spec.name, SLOT, var.shape, spec.dtype,
+                                    layout=member_layout(spec.layout or (None,), len(var.shape)))
+                layouts[slot] = TensorSpec.to_json(member)["layout"]
+                nbytes += bytes_per_device(member, axes)
         rows.append({
             "name": var.name, "shape": list(var.shape), "dtype": var.dtype,
             "layout": TensorSpec.to_json(var)["layout"],
-            "slots": {slot_prefix(s): TensorSpec.to_json(s)["layout"] for s in slots},
+            "slots": layouts,
+            "storage": "own buffers" if packed is None else packed[0].name,
             "bytes_per_device": bytes_per_device(var, axes),
-            "slot_bytes_per_device": sum(bytes_per_device(s, axes) for s in slots),
+            "slot_bytes_per_device": nbytes,
         })
     return rows
 
 
-def step_stages(step: FunctionalStep) -> list[Stage]:
+def state_bytes_per_device(contract: StepContract) -> int:
+    """Bytes of optimizer state (slots, gradient buffers, optimizer state, counter) one device holds."""
+    axes = dict(contract.mesh_axes)
+    return sum(bytes_per_device(s, axes) for s in contract.state)
+
+
+def step_stages(step: Any) -> list[Stage]:
     """The pipeline's stages: from the compiler when compiled here, from the file when loaded."""
     if step.program is not None:
         return list(step.program.pipeline.stages)
@@ -166,16 +187,19 @@ def step_stages(step: FunctionalStep) -> list[Stage]:
     return []
 
 
-def build_manifest(step: FunctionalStep) -> dict[str, Any]:
-    conv = step.convention
+def build_manifest(step: Any) -> dict[str, Any]:
+    """The manifest of a `FunctionalStep` (read by attribute: this module does not import the step's class)."""
+    conv = step.contract
     return {
         "kind": KIND,
         "versions": versions(),
         "platforms": list(step.executable.exported.platforms),
-        "mesh": {"axes": [[n, s] for n, s in conv.mesh_axes], "device_count": math.prod(s for _, s in conv.mesh_axes)},
+        "mesh": {"axes": [[n, s] for n, s in conv.mesh_axes], "device_count": math.prod(s for _, s in conv.mesh_axes),
+                 "axis_types": [str(t).rsplit(".", 1)[-1] for t in step.mesh.axis_types]},
         "optimizer": {"class_name": step.optimizer_class, "config": jsonable(step.optimizer_config)},
         "pipeline": list(step.pipeline),
         "variables": variables_table(conv),
+        "state_bytes_per_device": state_bytes_per_device(conv),
         "names": list(step.names),
         "tree": tree_to_json(step.treedef),
         "slots": list(step.slot_names),
@@ -185,7 +209,7 @@ def build_manifest(step: FunctionalStep) -> dict[str, Any]:
     }
 
 
-def save(step: FunctionalStep, path: str | os.PathLike[str], *, stages: bool = True) -> int:
+def save(step: Any, path: str | os.PathLike[str], *, stages: bool = True) -> int:
     """Writes `step` to `path` atomically (temp file + rename); returns the file size in bytes.
 
     `stages=False` leaves out the per-stage IR (smaller file; `inspect --stage` then has only the compiled HLO).
@@ -232,8 +256,12 @@ def resolve_mesh(manifest: dict[str, Any], mesh: Mesh | None, where: str) -> Mes
                 f"{where}: wrong device count: the artifact was compiled for mesh {_fmt_axes(want)} ({need} devices), "
                 f"this process has {len(devices)} {devices[0].platform} device(s); pass mesh= or, on CPU, set "
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before jax starts")
-        mesh = jax.make_mesh([s for _, s in want], [n for n, _ in want], axis_types=(AxisType.Auto,) * len(want),
-                             devices=devices)
+        types = manifest["mesh"].get("axis_types") or ["Auto"] * len(want)
+        try:
+            axis_types = tuple(getattr(AxisType, str(t)) for t in types)
+        except AttributeError:
+            raise ArtifactError(f"{where}: unknown mesh axis types {types}") from None
+        mesh = jax.make_mesh([s for _, s in want], [n for n, _ in want], axis_types=axis_types, devices=devices)
     have = [(str(n), int(s)) for n, s in zip(mesh.axis_names, mesh.devices.shape, strict=True)]
     if have != want:
         raise ArtifactError(f"{where}: wrong mesh: the artifact was compiled for mesh {_fmt_axes(want)}, got "
@@ -245,7 +273,7 @@ def resolve_mesh(manifest: dict[str, Any], mesh: Mesh | None, where: str) -> Mes
     return mesh
 
 
-def _check_consistent(manifest: dict[str, Any], conv: CallingConvention, exported: Any, where: str) -> None:
+def _check_consistent(manifest: dict[str, Any], conv: StepContract, exported: Any, where: str) -> None:
     """The manifest, the calling convention and the export must describe the same step."""
     problems = []
     if [list(a) for a in conv.mesh_axes] != [[n, s] for n, s in manifest["mesh"]["axes"]]:
@@ -267,19 +295,36 @@ def _check_consistent(manifest: dict[str, Any], conv: CallingConvention, exporte
         raise ArtifactError(f"{where}: inconsistent artifact: " + "; ".join(problems))
 
 
-def load(path: str | os.PathLike[str], mesh: Mesh | None = None) -> FunctionalStep:
-    """Restores a step saved with `step.save(path)`; it runs on `mesh` (default: all devices, the saved shape).
+@dataclass(frozen=True)
+class LoadedStep:
+    """What an artifact file holds, verified: enough to rebuild the functional step without its optimizer."""
 
-    Raises ArtifactError when the file is not a valid artifact or does not fit this process (mesh, device
-    count, platform); nothing from the file is unpickled or executed as Python.
-    """
+    exported: Any
+    contract: StepContract
+    mesh: Mesh
+    treedef: Any
+    names: tuple[str, ...]
+    slot_names: tuple[str, ...]
+    slot_init: dict[str, str]
+    initial_learning_rate: float | None
+    optimizer_config: dict[str, Any]
+    pipeline: tuple[str, ...]
+    optimizer_class: str | None
+    artifact: Artifact
+
+
+def read(path: str | os.PathLike[str], mesh: Mesh | None = None) -> LoadedStep:
+    """Reads and verifies an artifact for `mesh` (default: all devices, the saved shape and axis types)."""
     where = os.fspath(path)
     manifest, payloads = read_container(path)
     try:
         if manifest.get("kind") != KIND:
             raise ArtifactError(f"{where}: not an optimizer-step artifact (kind {manifest.get('kind')!r})")
         mesh = resolve_mesh(manifest, mesh, where)
-        conv = CallingConvention.from_json(manifest["convention"])
+        try:
+            conv = StepContract.from_json(manifest["convention"])
+        except ValueError as e:
+            raise ArtifactError(f"{where}: {e}: recompile the step with this shardopt") from None
         if EXPORTED not in payloads:
             raise ArtifactError(f"{where}: the {EXPORTED!r} payload is missing")
         try:
@@ -293,19 +338,18 @@ def load(path: str | os.PathLike[str], mesh: Mesh | None = None) -> FunctionalSt
         stages = tuple(Stage(s["name"], payloads[s["payload"]].decode("utf-8") if "payload" in s else "",
                              dict(s.get("stats", {})), float(s.get("seconds", 0.0)))
                        for s in manifest.get("stages", []))
-        size = os.path.getsize(path)
-        return FunctionalStep(
-            executable=CompiledStep(exported, conv, mesh), treedef=treedef, names=names,
+        return LoadedStep(
+            exported=exported, contract=conv, mesh=mesh, treedef=treedef, names=names,
             slot_names=tuple(manifest["slots"]), slot_init=dict(manifest["slot_init"]),
             initial_learning_rate=manifest["initial_learning_rate"],
             optimizer_config=dict(manifest["optimizer"]["config"]), pipeline=tuple(manifest["pipeline"]),
             optimizer_class=manifest["optimizer"].get("class_name"),
-            artifact=Artifact(where, manifest, stages, size))
+            artifact=Artifact(where, manifest, stages, os.path.getsize(path)))
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{where}: malformed manifest: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["Artifact", "ArtifactError", "build_manifest", "bytes_per_device", "load", "save", "step_stages",
-           "tree_from_json", "tree_to_json", "variables_table", "versions"]
+__all__ = ["Artifact", "ArtifactError", "LoadedStep", "build_manifest", "bytes_per_device", "read", "save",
+           "state_bytes_per_device", "step_stages", "tree_from_json", "tree_to_json", "variables_table", "versions"]

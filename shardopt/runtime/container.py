@@ -32,6 +32,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
+from shardopt.core.errors import ArtifactError  # a pure-Python module: no jax is imported
+
 MAGIC = b"SHARDOPT"
 TRAILER = b"SHOPTEND"
 FORMAT_VERSION = 1
@@ -41,9 +43,6 @@ HEADER_SIZE = _HEADER.size  # 56
 ENCODINGS = ("raw", "zlib")
 
 
-class ArtifactError(ValueError):
-    """A `.shardopt` file cannot be used: not an artifact, truncated, corrupted, tampered with, from an unknown
-    format version, or made for another mesh, device count or platform. The message says what does not match."""
 
 
 def sha256(data: bytes) -> str:

@@ -19,18 +19,15 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt.compat.jax_private import exported_with_module, serialize_portable
-from shardopt.frontend.convention import CallingConvention, TensorSpec
-from shardopt.frontend.layout import same_mesh
+from shardopt.core.contract import StepContract, TensorSpec
+from shardopt.core.errors import StepInputError
+from shardopt.core.layout import same_mesh
 
 
 @functools.cache
 def array_type() -> type:
     """jax's concrete array class (for exact-type fast paths over many arguments), found once jax's backend is up."""
     return type(jax.numpy.zeros(()))
-
-
-class StepInputError(ValueError):
-    """An input does not match the compiled step; nothing was donated or changed."""
 
 
 def portable_target() -> str:
@@ -51,30 +48,35 @@ def named_sharding(mesh: Mesh, spec: TensorSpec) -> NamedSharding:
 
 
 class CompiledStep:
-    """One optimized step, callable on flat jax arrays in the calling convention's order."""
+    """One optimized step, callable on flat jax arrays in the step contract's order."""
 
-    def __init__(self, exported: jax.export.Exported, convention: CallingConvention, mesh: Mesh):
-        self.convention = convention
+    def __init__(self, exported: jax.export.Exported, contract: StepContract, mesh: Mesh):
+        self.contract = contract
         self.mesh = mesh  # the user's mesh, axis types included, so results live where the user's data does
         self.exported = exported
-        self.in_shardings = [named_sharding(self.mesh, a) for a in convention.args]
-        self.out_shardings = [named_sharding(self.mesh, r) for r in convention.results]
-        self._donated_list = convention.donated_argnums()
-        self._dtypes = [np.dtype(a.dtype) for a in convention.args]
-        self._shapes = [tuple(a.shape) for a in convention.args]
-        self._accepted: list[Any] = [None] * len(convention.args)  # last sharding found equivalent, per argument
-        self._fn = jax.jit(exported.call, donate_argnums=convention.donated_argnums())
+        self.in_shardings = [named_sharding(self.mesh, a) for a in contract.args]
+        self.out_shardings = [named_sharding(self.mesh, r) for r in contract.results]
+        self._donated_list = contract.donated_argnums()
+        self._dtypes = [np.dtype(a.dtype) for a in contract.args]
+        self._shapes = [tuple(a.shape) for a in contract.args]
+        self._accepted: list[Any] = [None] * len(contract.args)  # last sharding found equivalent, per argument
+        self._fn = jax.jit(exported.call, donate_argnums=contract.donated_argnums())
 
     @classmethod
-    def from_module(cls, module_text: str, convention: CallingConvention, template: jax.export.Exported,
+    def from_module(cls, module_text: str, contract: StepContract, template: jax.export.Exported,
                     mesh: Mesh) -> CompiledStep:
         """Swaps the optimized module into jax's export of the same step and prepares it for `mesh`."""
-        check_mesh(convention, mesh)
+        check_mesh(contract, mesh)
         abstract = mesh.abstract_mesh
-        ins = tuple(NamedSharding(abstract, PartitionSpec(*(a.layout or ()))) for a in convention.args)
-        outs = tuple(NamedSharding(abstract, PartitionSpec(*(r.layout or ()))) for r in convention.results)
+        ins = tuple(NamedSharding(abstract, PartitionSpec(*(a.layout or ()))) for a in contract.args)
+        outs = tuple(NamedSharding(abstract, PartitionSpec(*(r.layout or ()))) for r in contract.results)
         exported = exported_with_module(template, module_bytes(module_text), ins, outs)
-        return cls(exported, convention, mesh)
+        return cls(exported, contract, mesh)
+
+    @property
+    def convention(self) -> StepContract:
+        """Deprecated name of `contract`."""
+        return self.contract
 
     def validate(self, args: Sequence[Any]) -> list[jax.Array]:
         """Checks every input against the convention; moves non-donated inputs to their sharding.
@@ -82,7 +84,7 @@ class CompiledStep:
         Runs on every step, so the common case (a jax array of the right shape and dtype, already placed as last
         time) costs a few attribute reads per argument; anything else takes the full check.
         """
-        specs = self.convention.args
+        specs = self.contract.args
         if len(args) != len(specs):
             raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
         out = list(args)
@@ -104,7 +106,7 @@ class CompiledStep:
 
     def _check(self, i: int, a: Any) -> Any:
         """The full check of argument `i`: the array to pass, or a StepInputError that names it."""
-        spec, want, dtype = self.convention.args[i], self.in_shardings[i], self._dtypes[i]
+        spec, want, dtype = self.contract.args[i], self.in_shardings[i], self._dtypes[i]
         if a.shape != spec.shape and tuple(a.shape) != spec.shape:
             raise StepInputError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
         if a.dtype != dtype:
@@ -132,15 +134,15 @@ class CompiledStep:
 
     def lower(self) -> Any:
         avals = [jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype), sharding=s)
-                 for a, s in zip(self.convention.args, self.in_shardings, strict=True)]
+                 for a, s in zip(self.contract.args, self.in_shardings, strict=True)]
         return self._fn.lower(*avals)
 
 
-def check_mesh(convention: CallingConvention, mesh: Mesh) -> None:
+def check_mesh(contract: StepContract, mesh: Mesh) -> None:
     """The step was compiled for a mesh of these axis names and sizes; anything else is an error."""
     have = tuple(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    if tuple(convention.mesh_axes) != have:
-        raise StepInputError(f"wrong mesh: the step was compiled for mesh {dict(convention.mesh_axes)}, "
+    if tuple(contract.mesh_axes) != have:
+        raise StepInputError(f"wrong mesh: the step was compiled for mesh {dict(contract.mesh_axes)}, "
                              f"got {dict(have)}")
 
 

@@ -1,9 +1,17 @@
 """The functional form of a compiled step: `state = step.init(params)`, `params, state = step(params, grads,
-state)` over pytrees, with params and state donated. It needs only the calling convention and the compiled
-executable, so an artifact loaded in a fresh process (no optimizer definition) runs the same way."""
+state)` over pytrees, with params and state donated.
+
+Everything here is read from the step contract by key: params are the user's pytree (one array per variable,
+in the contract's variable order), `state` is a flat dict from the contract's state names to arrays — the packed
+slot buffers, loose slots, gradient buffers, the counter and the learning rate. The state is opaque (as optax's
+is): `step.slots(state)` gives each slot as a params-shaped pytree. It needs only the contract and the compiled
+executable, so an artifact loaded in a fresh process (no optimizer definition) runs the same way.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,12 +20,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardopt.frontend.convention import COUNTER, HYPERPARAMETER, SLOT, VARIABLE, CallingConvention
-from shardopt.runtime.executable import CompiledStep, StepInputError
+from shardopt.core.contract import (
+    COUNTER,
+    GRADIENT,
+    HYPERPARAMETER,
+    SLOT,
+    VARIABLE,
+    StepContract,
+    TensorSpec,
+)
+from shardopt.core.errors import StepInputError
+from shardopt.core.packing import PackGroup
+from shardopt.runtime import artifact
+from shardopt.runtime.executable import CompiledStep
 
 # How each slot starts: zeros, or a copy of its variable (the EMA average).
 SLOT_INIT_FROM_VARIABLE = "variable"
 SLOT_INIT_ZEROS = "zeros"
+
+State = dict[str, Any]
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -31,6 +52,16 @@ def path_name(path: tuple[Any, ...]) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts) if parts else "param"
+
+
+@functools.lru_cache(maxsize=256)
+def _packer(group: PackGroup) -> Any:
+    return jax.jit(group.pack)
+
+
+@functools.lru_cache(maxsize=256)
+def _unpacker(group: PackGroup) -> Any:
+    return jax.jit(lambda a: tuple(group.unpack(a, i) for i in range(len(group.members))))
 
 
 @dataclass
@@ -50,22 +81,31 @@ class FunctionalStep:
     artifact: Any = None  # the runtime.artifact.Artifact (file, manifest, stage IR) when loaded from a file
 
     @property
-    def convention(self) -> CallingConvention:
-        return self.executable.convention
+    def contract(self) -> StepContract:
+        return self.executable.contract
+
+    @property
+    def convention(self) -> StepContract:
+        """Deprecated name of `contract`."""
+        return self.executable.contract
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
         return self.executable.mesh
 
-    def _spec(self, name: str) -> Any:
-        return self.convention.args[self.convention.arg_index(name)]
+    @property
+    def packs(self) -> tuple[PackGroup, ...]:
+        """The packs the step keeps its slots in (names, dtype, layout, members with offsets)."""
+        return self.contract.packs
 
     def _sharding(self, name: str) -> jax.sharding.NamedSharding:
-        return self.executable.in_shardings[self.convention.arg_index(name)]
+        return self.executable.in_shardings[self.contract.arg_index(name)]
 
     def flatten_params(self, params: Any, what: str = "params") -> list[Any]:
         leaves, treedef = jax.tree_util.tree_flatten(params)
         if treedef != self.treedef:
+            if treedef.num_leaves == self.treedef.num_leaves and _same_paths(params, self.treedef):
+                return leaves  # the same structure with other node types (e.g. flax nnx State vs dicts)
             got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
             missing = [n for n in self.names if n not in got]
             extra = [n for n in got if n not in self.names]
@@ -79,72 +119,98 @@ class FunctionalStep:
         leaves = self.flatten_params(params)
         placed = []
         for name, leaf in zip(self.names, leaves, strict=True):
-            spec = self._spec(name)
+            spec = self.contract.arg(name)
             arr = jnp.asarray(leaf, dtype=np.dtype(spec.dtype))
             if tuple(arr.shape) != spec.shape:
                 raise StepInputError(f"{name}: expected shape {spec.shape}, got {tuple(arr.shape)}")
             placed.append(jax.device_put(arr, self._sharding(name)))
         return jax.tree_util.tree_unflatten(self.treedef, placed)
 
-    def init(self, params: Any) -> dict[str, Any]:
-        """Fresh optimizer state for `params`: slots (zeros, or the variable for EMA), counter, learning rate."""
-        leaves = self.flatten_params(params)
-        slots: dict[str, Any] = {}
-        for s in self.slot_names:
-            vals = []
-            for name, leaf in zip(self.names, leaves, strict=True):
-                spec = self._spec(f"{s}/{name}")
-                init = (jnp.array(leaf, dtype=np.dtype(spec.dtype), copy=True)
-                        if self.slot_init.get(s) == SLOT_INIT_FROM_VARIABLE
-                        else jnp.zeros(spec.shape, np.dtype(spec.dtype)))
-                vals.append(jax.device_put(init, self._sharding(f"{s}/{name}")))
-            slots[s] = jax.tree_util.tree_unflatten(self.treedef, vals)
-        state: dict[str, Any] = {"slots": slots}
-        ctr = self._spec("iterations")
-        state["iterations"] = jax.device_put(np.zeros((), np.dtype(ctr.dtype)), self._sharding("iterations"))
-        if self.has_learning_rate_input:
-            state["learning_rate"] = jax.device_put(np.float32(self.initial_learning_rate),
-                                                    self._sharding("learning_rate"))
+    # ----- state ----------------------------------------------------------------------------------------------
+    def init(self, params: Any) -> State:
+        """Fresh optimizer state for `params`: packed and loose slots (zeros, or the variable for EMA), gradient
+        buffers, the counter and the learning rate; a flat dict keyed by the contract's state names."""
+        values = dict(zip(self.names, self.flatten_params(params), strict=True))
+        state: State = {}
+        for spec in self.contract.state:
+            state[spec.name] = jax.device_put(self._initial(spec, values), self._sharding(spec.name))
         return state
+
+    def _initial(self, spec: TensorSpec, values: dict[str, Any]) -> Any:
+        dtype = np.dtype(spec.dtype)
+        if spec.role == COUNTER:
+            return np.zeros((), dtype)
+        if spec.role == HYPERPARAMETER:
+            return np.asarray(self.initial_learning_rate, dtype)
+        if spec.role == SLOT and self.slot_init.get(spec.slot or "") == SLOT_INIT_FROM_VARIABLE:
+            if spec.pack is not None:
+                group = self.contract.pack(spec.pack)
+                return _packer(group)([jnp.asarray(values[m.name], dtype) for m in group.members])
+            return jnp.array(values[spec.owner], dtype=dtype, copy=True)
+        return jnp.zeros(spec.shape, dtype)  # zero slots, gradient buffers, optimizer state
+
+    def slots(self, state: State) -> dict[str, Any]:
+        """Each slot as a params-shaped pytree, packed members cut out of their buffers (for inspection and
+        checkpoints; the step itself keeps them packed)."""
+        out: dict[str, Any] = {}
+        members = self.contract.member_of()
+        cut: dict[str, tuple[Any, ...]] = {}
+        for slot in self.slot_names:
+            leaves = []
+            for name in self.names:
+                spec, index = self.contract.slot_arg(name, slot)
+                if index is None:
+                    leaves.append(state[spec.name])
+                    continue
+                if spec.name not in cut:
+                    cut[spec.name] = _unpacker(members[name][0])(state[spec.name])
+                leaves.append(cut[spec.name][index])
+            out[slot] = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return out
 
     @property
     def has_learning_rate_input(self) -> bool:
-        return any(a.role == HYPERPARAMETER for a in self.convention.args)
+        return any(a.role == HYPERPARAMETER for a in self.contract.args)
 
-    def flat_args(self, params: Any, grads: Any, state: dict[str, Any]) -> list[Any]:
-        """params, grads and state in the calling convention's order."""
-        p = self.flatten_params(params)
-        g = self.flatten_params(grads, "grads")
-        slot_leaves = {s: self.flatten_params(state["slots"][s], f"state['slots'][{s!r}]") for s in self.slot_names}
-        args = [*p, *g]
-        for i in range(len(self.names)):
-            args.extend(slot_leaves[s][i] for s in self.slot_names)
-        args.append(state["iterations"])
-        if self.has_learning_rate_input:
-            args.append(state["learning_rate"])
+    def flat_args(self, params: Any, grads: Any, state: State) -> list[Any]:
+        """params, grads and state in the contract's order."""
+        p = iter(self.flatten_params(params))
+        g = iter(self.flatten_params(grads, "grads"))
+        if not isinstance(state, dict):
+            raise StepInputError(f"state must be the dict step.init(params) returned, got {type(state).__name__}")
+        args = []
+        for spec in self.contract.args:
+            if spec.role == VARIABLE:
+                args.append(next(p))
+            elif spec.role == GRADIENT:
+                args.append(next(g))
+            elif spec.name in state:
+                args.append(state[spec.name])
+            else:
+                missing = [s.name for s in self.contract.state if s.name not in state]
+                raise StepInputError(f"state is missing {missing} (expected the keys of step.init(params): "
+                                     f"{[s.name for s in self.contract.state]})")
         return args
 
-    def unflatten_results(self, outs: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    def unflatten_results(self, outs: Sequence[Any]) -> tuple[Any, State]:
         """The step's flat results as (params, state)."""
-        n, k = len(self.names), len(self.slot_names)
-        params = jax.tree_util.tree_unflatten(self.treedef, list(outs[:n]))
-        slots = {s: jax.tree_util.tree_unflatten(self.treedef, [outs[n + i * k + j] for i in range(n)])
-                 for j, s in enumerate(self.slot_names)}
-        state: dict[str, Any] = {"slots": slots, "iterations": outs[n + n * k]}
-        if self.has_learning_rate_input:
-            state["learning_rate"] = outs[n + n * k + 1]
-        return params, state
+        params, state = [], {}
+        for spec, value in zip(self.contract.results, outs, strict=True):
+            if spec.role == VARIABLE:
+                params.append(value)
+            elif spec.role != HYPERPARAMETER or self.has_learning_rate_input:
+                state[spec.name] = value  # a schedule's learning rate is only reported, not carried
+        return jax.tree_util.tree_unflatten(self.treedef, params), state
 
-    def __call__(self, params: Any, grads: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def __call__(self, params: Any, grads: Any, state: State) -> tuple[Any, State]:
         """One step; `params` and `state` are donated (validated first, so a bad call loses nothing)."""
         return self.unflatten_results(self.executable(self.flat_args(params, grads, state)))
 
-    def save(self, path: Any, *, stages: bool = True) -> int:
+    # ----- artifacts, inspection, embedding -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], *, stages: bool = True) -> int:
         """Writes this step to one `.shardopt` file (atomically); `shardopt.load(path)` restores it anywhere,
         without the optimizer's definition. Returns the file size in bytes."""
-        from shardopt.runtime.artifact import save
-
-        return save(self, path, stages=stages)
+        return artifact.save(self, path, stages=stages)
 
     def inspect(self, stage: str | None = None, diff: tuple[str, str] | None = None, html: Any = None,
                 file: Any = None) -> Any:
@@ -155,14 +221,39 @@ class FunctionalStep:
         return inspect(self, stage=stage, diff=diff, html=html, file=file)
 
     def variable_names(self) -> list[str]:
-        return [a.name for a in self.convention.args if a.role == VARIABLE]
+        return list(self.contract.variables)
 
     def state_names(self) -> list[str]:
-        return [a.name for a in self.convention.args if a.role in (SLOT, COUNTER)]
+        return [a.name for a in self.contract.state]
 
     def as_jax_function(self) -> Any:
         """The pure `(params, grads, state) -> (params, state)` step for use inside the user's own `jax.jit`,
         `lax.fori_loop` or `scan` (a `shardopt.runtime.jax_embed.JaxStepFunction`; donation is the caller's)."""
-        from shardopt.runtime.jax_embed import as_jax_function
+        from shardopt.runtime.jax_embed import JaxStepFunction
 
-        return as_jax_function(self)
+        return JaxStepFunction(self)
+
+
+def _same_paths(tree: Any, treedef: Any) -> bool:
+    """Whether `tree` has the leaf paths (by name) of `treedef`, whatever its node types."""
+    got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    want = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves))[0]]
+    return got == want
+
+
+def load(path: str | os.PathLike[str], mesh: jax.sharding.Mesh | None = None) -> FunctionalStep:
+    """Restores a step saved with `step.save(path)`; it runs on `mesh` (default: all devices, the saved shape).
+
+    Raises ArtifactError when the file is not a valid artifact or does not fit this process (mesh, device
+    count, platform); nothing from the file is unpickled or executed as Python.
+    """
+    loaded = artifact.read(path, mesh)
+    return FunctionalStep(
+        executable=CompiledStep(loaded.exported, loaded.contract, loaded.mesh), treedef=loaded.treedef,
+        names=loaded.names, slot_names=loaded.slot_names, slot_init=loaded.slot_init,
+        initial_learning_rate=loaded.initial_learning_rate, optimizer_config=loaded.optimizer_config,
+        pipeline=loaded.pipeline, optimizer_class=loaded.optimizer_class, artifact=loaded.artifact)
+
+
+__all__ = ["FunctionalStep", "SLOT_INIT_FROM_VARIABLE", "SLOT_INIT_ZEROS", "load", "path_name"]

@@ -20,86 +20,31 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 import sys
-from dataclasses import dataclass
 from functools import cached_property
 from typing import IO, Any
 
 from shardopt import ir as sir
-from shardopt.passes.pipeline import Stage
-from shardopt.runtime.artifact import step_stages, variables_table, versions
-from shardopt.runtime.functional import FunctionalStep
-
-FRONTEND = "frontend"
-OPTIMIZED_HLO = "optimized-hlo"
-PARTITIONED_HLO = "partitioned-hlo"
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_COLLECTIVE_RE = re.compile(r"=\s*(.+?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
-COST_FIELDS = ("flops", "transcendentals", "bytes accessed")
-
-
-@dataclass(frozen=True)
-class Collective:
-    """One collective instruction of the partitioned HLO."""
-
-    kind: str
-    result: str
-    line: str
-
-
-def fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def fmt_layout(layout: Any) -> str:
-    """A layout from the convention's JSON: None -> 'open', [None, 'model'] -> '[-, model]'."""
-    if layout is None:
-        return "open"
-    if not any(layout):
-        return "replicated"
-    return "[" + ", ".join("-" if a is None else a if isinstance(a, str) else "(" + ",".join(a) + ")"
-                           for a in layout) + "]"
-
-
-def fmt_slot_layouts(slots: dict[str, Any]) -> str:
-    """Slots grouped by layout: 'm,v,average=[-, model]'."""
-    groups: dict[str, list[str]] = {}
-    for name, lay in slots.items():
-        groups.setdefault(fmt_layout(lay), []).append(name)
-    return "; ".join(f"{','.join(names)}={lay}" for lay, names in groups.items()) or "-"
-
-
-def fmt_value(value: Any) -> str:
-    """A config value, short: floats to 7 significant digits, a serialized schedule as Name(k=v, ...)."""
-    if isinstance(value, float):
-        text = f"{value:.7g}"
-        return text if any(c in text for c in ".einf") else text + ".0"
-    if isinstance(value, dict) and "class_name" in value and isinstance(value.get("config"), dict):
-        args = ", ".join(f"{k}={fmt_value(v)}" for k, v in value["config"].items() if k != "name" and v is not None)
-        return f"{value['class_name']}({args})"
-    return str(value)
-
-
-def fmt_stats(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in stats.items())
-
-
-def text_table(headers: list[str], rows: list[list[str]], right: tuple[int, ...] = ()) -> str:
-    """Rows aligned in columns (`right` = indices of right-aligned columns)."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+from shardopt.core.records import Stage
+from shardopt.runtime.artifact import state_bytes_per_device, step_stages, variables_table, versions
+from shardopt.runtime.container import atomic_write
+from shardopt.runtime.report_format import (
+    COLLECTIVE_RE,
+    COLLECTIVES,
+    COST_FIELDS,
+    FRONTEND,
+    MEMORY_FIELDS,
+    OPTIMIZED_HLO,
+    PARTITIONED_HLO,
+    Collective,
+    fmt_bytes,
+    fmt_layout,
+    fmt_slot_layouts,
+    fmt_stats,
+    fmt_value,
+    text_table,
+)
+from shardopt.runtime.report_html import render
 
 
 def op_count(module_text: str) -> int | None:
@@ -116,7 +61,7 @@ def op_count(module_text: str) -> int | None:
 class Report:
     """Everything `inspect` shows about one step; the analyses compile the step on first use."""
 
-    def __init__(self, step: FunctionalStep):
+    def __init__(self, step: Any):  # a runtime.functional.FunctionalStep
         self.step = step
         self.stages: dict[str, Stage] = {}
         for st in step_stages(step):
@@ -158,7 +103,7 @@ class Report:
 
     # ----- tables ---------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, str]:
-        step, conv = self.step, self.step.convention
+        step, conv = self.step, self.step.contract
         devs = self.step.mesh.devices
         n_params = sum(math.prod(a["shape"]) for a in self.variables())
         cfg = {k: v for k, v in step.optimizer_config.items() if v is not None and k not in ("name",)}
@@ -171,6 +116,10 @@ class Report:
             "mesh": ", ".join(f"{n}={s}" for n, s in conv.mesh_axes)
                     + f"  ({devs.size} {devs.flat[0].platform} devices)",
             "pipeline": " -> ".join(step.pipeline) or "(none)",
+            "state": f"{fmt_bytes(state_bytes_per_device(conv))} per device in {len(conv.state)} buffers"
+                     + (f" ({len(conv.packs)} packs: "
+                        + ", ".join(f"{p.name} {len(p.members)} variables" for p in conv.packs) + ")"
+                        if conv.packs else ""),
             "built with": " · ".join(f"{k} {built.get(k, '?')}" for k in ("shardopt", "jax", "jaxlib", "stablehlo"))
                           + f" (portable target {built.get('stablehlo_target', '?')})",
         }
@@ -186,7 +135,7 @@ class Report:
                 for key, st in self.stages.items()]
 
     def variables(self) -> list[dict[str, Any]]:
-        return variables_table(self.step.convention)
+        return variables_table(self.step.contract)
 
     def memory(self) -> dict[str, int]:
         """XLA's memory analysis of the compiled step (bytes, per device)."""
@@ -205,7 +154,7 @@ class Report:
     def collectives(self) -> list[Collective]:
         out = []
         for line in self.stage_text(PARTITIONED_HLO).splitlines():
-            m = _COLLECTIVE_RE.search(line)
+            m = COLLECTIVE_RE.search(line)
             if m:
                 out.append(Collective(m.group(2), m.group(1), line.strip()))
         return out
@@ -259,13 +208,9 @@ class Report:
         return self.to_text()
 
     def to_html(self) -> str:
-        from shardopt.runtime.report_html import render
-
         return render(self)
 
     def write_html(self, path: str | os.PathLike[str]) -> None:
-        from shardopt.runtime.container import atomic_write
-
         atomic_write(path, [self.to_html().encode("utf-8")])
 
 
@@ -277,7 +222,7 @@ def _clip(line: str, n: int) -> str:
     return line if len(line) <= n else line[: n - 3] + "..."
 
 
-def inspect(step: FunctionalStep, stage: str | None = None, diff: tuple[str, str] | None = None,
+def inspect(step: Any, stage: str | None = None, diff: tuple[str, str] | None = None,
             html: str | os.PathLike[str] | None = None, file: IO[str] | None = None) -> Report:
     """Prints the report (or `stage`'s IR, or the diff of two stages) and writes `html` if given."""
     out = file or sys.stdout
@@ -294,4 +239,4 @@ def inspect(step: FunctionalStep, stage: str | None = None, diff: tuple[str, str
     return report
 
 
-__all__ = ["COLLECTIVES", "FRONTEND", "OPTIMIZED_HLO", "PARTITIONED_HLO", "Report", "inspect"]
+__all__ = ["COLLECTIVES", "FRONTEND", "OPTIMIZED_HLO", "PARTITIONED_HLO", "Report", "fmt_layout", "inspect"]

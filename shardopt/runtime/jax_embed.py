@@ -13,10 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 
-from shardopt.frontend.layout import Layout, auto_mesh, same_mesh
-from shardopt.frontend.variables import VariableSpec
-from shardopt.runtime.executable import StepInputError
-from shardopt.runtime.functional import FunctionalStep
+from shardopt.core.errors import StepInputError
+from shardopt.core.layout import Layout, auto_mesh, same_mesh
+from shardopt.core.specs import VariableSpec
 
 Params = Any
 State = dict[str, Any]
@@ -30,7 +29,7 @@ class JaxStepFunction:
     (place params with `step.place_params` and the state with `step.init`).
     """
 
-    def __init__(self, step: FunctionalStep):
+    def __init__(self, step: Any):  # a runtime.functional.FunctionalStep
         self.step = step
         self.exported = step.executable.exported
         self.__name__ = f"shardopt_step_{step.optimizer_config.get('name', 'step')}"
@@ -47,7 +46,7 @@ class JaxStepFunction:
     def _check(self, flat: list[Any]) -> list[Any]:
         """Names the offending tensor on a shape/dtype mismatch (jax's own error gives only a position)."""
         out = []
-        for x, spec in zip(flat, self.step.convention.args, strict=True):
+        for x, spec in zip(flat, self.step.contract.args, strict=True):
             if isinstance(x, (int, float)) and not isinstance(x, bool):
                 x = np.asarray(x, np.dtype(spec.dtype))
             elif not hasattr(x, "dtype"):
@@ -68,7 +67,7 @@ class JaxStepFunction:
             if "was exported for" not in str(e) and "size of the mesh" not in str(e):
                 raise
             raise StepInputError(
-                f"{e} The step was compiled for the mesh {dict(self.step.convention.mesh_axes)} "
+                f"{e} The step was compiled for the mesh {dict(self.step.contract.mesh_axes)} "
                 f"({self.exported.nr_devices} devices): run the enclosing jax.jit on that mesh, e.g. with params "
                 "from `step.place_params` and state from `step.init`.") from e
         return self.step.unflatten_results(self._match_types(flat, list(outs)))
@@ -80,7 +79,7 @@ class JaxStepFunction:
         (`jax.make_mesh`'s default) would otherwise get results whose type differs from the inputs, which
         breaks `fori_loop`/`scan` carries and arithmetic mixing the two (`new - old` in `as_optax`).
         """
-        conv = self.step.convention
+        conv = self.step.contract
         inputs = {a.name: x for a, x in zip(conv.args, flat, strict=True)}
         fixed = []
         for spec, out in zip(conv.results, outs, strict=True):
@@ -89,7 +88,7 @@ class JaxStepFunction:
         return fixed
 
     def __repr__(self) -> str:
-        return f"JaxStepFunction({len(self.step.names)} variables, mesh={dict(self.step.convention.mesh_axes)})"
+        return f"JaxStepFunction({len(self.step.names)} variables, mesh={dict(self.step.contract.mesh_axes)})"
 
 
 def _explicit_sharding(x: Any) -> Any:
@@ -104,7 +103,7 @@ def _explicit_sharding(x: Any) -> Any:
     return sharding
 
 
-def as_jax_function(step: FunctionalStep) -> JaxStepFunction:
+def as_jax_function(step: Any) -> JaxStepFunction:
     """The pure `(params, grads, state) -> (params, state)` function of a compiled step, for the user's jit."""
     return JaxStepFunction(step)
 
@@ -113,18 +112,20 @@ def as_jax_function(step: FunctionalStep) -> JaxStepFunction:
 
 
 class ShardoptState(NamedTuple):
-    """The optax state of `as_optax`: the compiled step's own state (slots, counter, learning rate)."""
+    """The optax state of `as_optax`: the compiled step's own state — its (packed) slot and gradient buffers by
+    contract name, the counter and the learning rate. `tx.init.steps[...].step.slots(...)` reads the slots."""
 
-    slots: dict[str, Any]
+    buffers: dict[str, Any]
     iterations: Any
     learning_rate: Any = None  # None when the learning rate is a schedule compiled into the step
 
     @classmethod
     def from_step_state(cls, state: State) -> ShardoptState:
-        return cls(state["slots"], state["iterations"], state.get("learning_rate"))
+        buffers = {k: v for k, v in state.items() if k not in ("iterations", "learning_rate")}
+        return cls(buffers, state["iterations"], state.get("learning_rate"))
 
     def to_step_state(self) -> State:
-        state: State = {"slots": self.slots, "iterations": self.iterations}
+        state: State = {**self.buffers, "iterations": self.iterations}
         if self.learning_rate is not None:
             state["learning_rate"] = self.learning_rate
         return state

@@ -11,10 +11,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from shardopt.runtime.inspect import Report
+from shardopt.runtime.report_format import COLLECTIVES, PARTITIONED_HLO, fmt_bytes, fmt_layout, fmt_slot_layouts
 
 _CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
@@ -57,9 +56,8 @@ def _diff_html(a_name: str, a: str, b_name: str, b: str) -> str:
     return "<pre>" + "".join(out) + "</pre>"
 
 
-def render(report: Report) -> str:
-    """The whole page as a string."""
-    from shardopt.runtime.inspect import COLLECTIVES, PARTITIONED_HLO, fmt_bytes, fmt_layout, fmt_slot_layouts
+def render(report: Any) -> str:
+    """The whole page of an `inspect.Report`, as a string."""
 
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>shardopt inspect</title>", f"<style>{_CSS}</style></head><body>",

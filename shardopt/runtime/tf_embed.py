@@ -18,10 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from shardopt.compat.tf_private import call_module
-from shardopt.frontend.convention import COUNTER, GRADIENT, HYPERPARAMETER, SLOT, VARIABLE
-from shardopt.frontend.variables import VariableSpec
-from shardopt.runtime.executable import StepInputError
-from shardopt.runtime.functional import SLOT_INIT_FROM_VARIABLE, FunctionalStep
+from shardopt.core.contract import GRADIENT, HYPERPARAMETER, VARIABLE
+from shardopt.core.errors import StepInputError
+from shardopt.core.specs import VariableSpec
+from shardopt.runtime.functional import FunctionalStep, load
 
 
 def load_step(artifact: FunctionalStep | str | os.PathLike[str], mesh: Any = None) -> FunctionalStep:
@@ -29,11 +29,7 @@ def load_step(artifact: FunctionalStep | str | os.PathLike[str], mesh: Any = Non
     if isinstance(artifact, FunctionalStep):
         return artifact
     if isinstance(artifact, (str, os.PathLike)):
-        import shardopt
-
-        if not hasattr(shardopt, "load"):
-            raise NotImplementedError("this shardopt cannot load artifact files; pass a compiled step")
-        return shardopt.load(artifact, mesh=mesh if mesh is not None else _artifact_mesh(artifact))
+        return load(artifact, mesh=mesh if mesh is not None else _artifact_mesh(artifact))
     raise TypeError(f"expected a compiled step (FunctionalStep) or an artifact path, got {type(artifact).__name__}")
 
 
@@ -71,6 +67,10 @@ def variable_specs(variables: Sequence[tf.Variable]) -> list[VariableSpec]:
 class StepModule(tf.Module):
     """The optimizer state of a compiled step as TF variables, and the step as a `tf.function`.
 
+    Every state argument of the step contract (packed slot buffers, loose slots, gradient buffers, the counter,
+    the learning rate) is one `tf.Variable` in `self.buffers`, keyed by its contract name and initialised as
+    `step.init` does; the model's variables are the contract's variables, in order.
+
     Args:
       step: a compiled step (`Optimizer.compile(...)`) or the path of a saved artifact.
       variables: the model's `tf.Variable`s, a nest whose flattening gives the step's parameter order
@@ -82,13 +82,13 @@ class StepModule(tf.Module):
                  jit_compile: bool | None = None, name: str | None = None, mesh: Any = None):
         super().__init__(name=name or "shardopt_step")
         step = load_step(step, mesh)
-        conv = step.convention
+        conv = step.contract
         flat = tf.nest.flatten(variables)
         if len(flat) != len(step.names):
             raise StepInputError(f"the step updates {len(step.names)} variables {list(step.names)}, got "
                                  f"{len(flat)}")
         for name_, v in zip(step.names, flat, strict=True):
-            spec = conv.args[conv.arg_index(name_)]
+            spec = conv.arg(name_)
             if not isinstance(v, tf.Variable):
                 raise TypeError(f"{name_}: expected a tf.Variable, got {type(v).__name__}")
             if tuple(v.shape) != spec.shape or np.dtype(v.dtype.as_numpy_dtype) != np.dtype(spec.dtype):
@@ -98,57 +98,32 @@ class StepModule(tf.Module):
         self._arg_roles = tuple((a.role, a.name) for a in conv.args)
         self._result_roles = tuple((r.role, r.name) for r in conv.results)
         self.model_variables = list(flat)
-        by_name = dict(zip(step.names, flat, strict=True))
-        self.slots = {s: [self._slot(step, s, n, by_name[n]) for n in step.names] for s in step.slot_names}
-        ctr = conv.args[conv.arg_index("iterations")]
-        self.iterations = tf.Variable(np.zeros((), np.dtype(ctr.dtype)), trainable=False, name="iterations")
-        # A constant learning rate is an input: assign this variable to change it. With a schedule compiled into
-        # the step it is only a result: the rate the last step used (0 before the first step).
-        self.learning_rate = None
-        lr_result = [r for r in conv.results if r.role == HYPERPARAMETER]
-        if lr_result:
-            initial = step.initial_learning_rate if step.has_learning_rate_input else 0.0
-            self.learning_rate = tf.Variable(np.asarray(initial, np.dtype(lr_result[0].dtype)), trainable=False,
-                                             name="learning_rate")
         self._names = tuple(step.names)
-        self._slot_names = tuple(step.slot_names)
+        self._step = step
+        initial = step.init(jax_values(step, flat))
+        self.buffers = {k: tf.Variable(np.asarray(v), trainable=False, name=_var_name(k)) for k, v in initial.items()}
+        # A schedule's learning rate is only a result (the rate the last step used, 0 before the first step).
+        if not step.has_learning_rate_input:
+            lr = [r for r in conv.results if r.role == HYPERPARAMETER][0]
+            self.buffers[lr.name] = tf.Variable(np.zeros((), np.dtype(lr.dtype)), trainable=False,
+                                              name="learning_rate")
+        self.iterations = self.buffers["iterations"]
+        self.learning_rate = self.buffers["learning_rate"]
         signature = tf.nest.map_structure(lambda v: tf.TensorSpec(v.shape, v.dtype), variables)
         self.apply = tf.function(self._apply, input_signature=[signature], jit_compile=jit_compile,
                                  autograph=False)
 
-    @staticmethod
-    def _slot(step: FunctionalStep, slot: str, name: str, var: tf.Variable) -> tf.Variable:
-        conv = step.convention
-        spec = conv.args[conv.arg_index(f"{slot}/{name}")]
-        init = (var.read_value() if step.slot_init.get(slot) == SLOT_INIT_FROM_VARIABLE
-                else tf.zeros(spec.shape, tf.as_dtype(np.dtype(spec.dtype))))
-        return tf.Variable(init, trainable=False, name=_var_name(f"{slot}/{name}"))
-
-    def _state_variable(self, role: str, name: str) -> tf.Variable:
-        if role == VARIABLE:
-            return self.model_variables[self._names.index(name)]
-        if role == COUNTER:
-            return self.iterations
-        if role == HYPERPARAMETER:
-            return self.learning_rate
-        if role == SLOT:
-            for s in self._slot_names:
-                if name.startswith(s + "/") and name[len(s) + 1:] in self._names:
-                    return self.slots[s][self._names.index(name[len(s) + 1:])]
-        raise KeyError(name)
+    def _value(self, role: str, name: str) -> tf.Variable:
+        return self.model_variables[self._names.index(name)] if role == VARIABLE else self.buffers[name]
 
     def _apply(self, grads: Any) -> tf.Tensor:
         """One step: XlaCallModule on (variables, grads, state), then every result assigned back."""
         flat_grads = iter(tf.nest.flatten(grads))
-        args = []
-        for role, name in self._arg_roles:
-            if role == GRADIENT:
-                args.append(next(flat_grads))
-                continue
-            args.append(self._state_variable(role, name).read_value())
+        args = [next(flat_grads) if role == GRADIENT else self._value(role, name).read_value()
+                for role, name in self._arg_roles]
         outs = call_module(args, self._exported)
         for (role, name), value in zip(self._result_roles, outs, strict=True):
-            self._state_variable(role, name).assign(value)
+            self._value(role, name).assign(value)
         return self.iterations.read_value()
 
     def __call__(self, grads: Any) -> tf.Tensor:
@@ -159,11 +134,31 @@ class StepModule(tf.Module):
 
     def state(self) -> dict[str, Any]:
         """The optimizer state as numpy: `{"slots": {slot: [per variable]}, "iterations", "learning_rate"}`."""
-        out: dict[str, Any] = {"slots": {s: [v.numpy() for v in vs] for s, vs in self.slots.items()},
-                               "iterations": self.iterations.numpy()}
-        if self.learning_rate is not None:
-            out["learning_rate"] = self.learning_rate.numpy()
-        return out
+        return {"slots": self.slots(), "iterations": self.iterations.numpy(),
+                "learning_rate": self.learning_rate.numpy()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state as numpy, keyed by the step contract's names (packed buffers as they are)."""
+        return {k: v.numpy() for k, v in self.buffers.items()}
+
+    def slots(self) -> dict[str, list[np.ndarray]]:
+        """Each slot per variable (cut out of the packed buffers), in the step's variable order."""
+        state = {k: v.numpy() for k, v in self.buffers.items() if k in self._step.state_names()}
+        trees = self._step.slots(state)
+        return {s: [np.asarray(x) for x in jax_leaves(t)] for s, t in trees.items()}
+
+
+def jax_values(step: FunctionalStep, variables: list[tf.Variable]) -> Any:
+    """The TF variables' values as numpy, in the step's params structure (for `step.init`)."""
+    import jax
+
+    return jax.tree_util.tree_unflatten(step.treedef, [v.numpy() for v in variables])
+
+
+def jax_leaves(tree: Any) -> list[Any]:
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
 
 
 def step_function(artifact: FunctionalStep | str | os.PathLike[str], variables: Any, *,

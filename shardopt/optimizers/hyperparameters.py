@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shardopt.core.contract import counter_dtype
+from shardopt.core.layout import Layout
 from shardopt.frontend import options, schedules
-from shardopt.frontend.layout import Layout
-from shardopt.frontend.step import counter_dtype
-from shardopt.frontend.variables import Variable
+from shardopt.optimizers.variables import Variable
 
 
 class HyperparameterMixin:

@@ -8,6 +8,7 @@ Everything else — clipping, EMA, schedules, the counter, lowering, passes, exe
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,20 +18,24 @@ import numpy as np
 from jax.sharding import Mesh
 
 from shardopt.compiler import StepProgram, compile_step
-from shardopt.frontend import options
-from shardopt.frontend.functional_compile import compile_functional
-from shardopt.frontend.gradients import dense_entry, gradient_entry
-from shardopt.frontend.hyperparameters import HyperparameterMixin
-from shardopt.frontend.optimizer_state import StateMixin
-from shardopt.frontend.packed_state import PackedState
-from shardopt.frontend.packing import PACK_MAX_ELEMENTS, PackGroup
-from shardopt.frontend.step import (
+from shardopt.core.contract import (
+    COUNTER,
+    GRADIENT_BUFFER,
+    HYPERPARAMETER,
+    SLOT,
+    VARIABLE,
+    StepContract,
     StepEntry,
-    build_convention,
-    compute_dtype,
-    make_step_fn,
 )
-from shardopt.frontend.variables import Variable
+from shardopt.core.packing import PACK_MAX_ELEMENTS, PackGroup
+from shardopt.frontend import options
+from shardopt.frontend.step import compute_dtype
+from shardopt.optimizers.functional import compile_functional
+from shardopt.optimizers.gradients import dense_entry, gradient_entry
+from shardopt.optimizers.hyperparameters import HyperparameterMixin
+from shardopt.optimizers.packed_state import PackedState
+from shardopt.optimizers.state import StateMixin
+from shardopt.optimizers.variables import Variable
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
 from shardopt.runtime.executable import array_type
 from shardopt.runtime.functional import FunctionalStep
@@ -38,6 +43,10 @@ from shardopt.runtime.functional import FunctionalStep
 log = logging.getLogger("shardopt")
 
 State = dict[str, jax.Array]
+
+
+def _mesh_key(mesh: Mesh) -> tuple[Any, ...]:
+    return (mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat), mesh.axis_types)
 
 
 class Optimizer(StateMixin, HyperparameterMixin):
@@ -89,6 +98,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self._variables: list[Variable] = []
         self._index: dict[int, int] = {}
         self._model_variables: list[Variable] = []
+        self._step_names: list[str] = []  # each variable's unique name in step contracts
         self._slots: list[dict[str, Variable]] = []
         self._programs: dict[Any, StepProgram] = {}
         self._fast_programs: dict[Any, StepProgram] = {}  # keyed by variable indices for the common dense case
@@ -97,6 +107,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self.pack_max_elements = PACK_MAX_ELEMENTS
         self._packed: PackedState | None = None
         self._traced_update: Callable[..., Any] | None = None  # one jax trace per entry kind (frontend/step.py)
+        self._lock = threading.RLock()  # one step (and one build) at a time: a step donates the state it reads
         self._var_avals: list[tuple[tuple[int, ...], np.dtype]] = []  # (shape, dtype) per variable, set by build
 
     # ----- the definition's math (override) --------------------------------------------------------------
@@ -111,30 +122,55 @@ class Optimizer(StateMixin, HyperparameterMixin):
         return self.update_dense(var, grad, state, lr, t)
 
     # ----- applying gradients ----------------------------------------------------------------------------
-    def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = ()) -> StepProgram:
-        key = (entries, packs, self._schedule_key())
+    def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = (),
+                 mesh: Mesh | None = None) -> StepProgram:
+        """The compiled step for `entries` (cached per entries, packs, mesh and learning-rate schedule)."""
+        mesh = mesh or self.mesh
+        key = (entries, packs, _mesh_key(mesh), self._schedule_key())
         program = self._programs.get(key)
         if program is None:
-            schedule = self._schedule()
-            mesh_axes = tuple(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-            slot_names = self._entry_slots()
-            convention = build_convention(list(entries), mesh_axes, has_lr_input=schedule is None, packs=packs,
-                                          pack_slots=slot_names)
-            fn = make_step_fn(self, list(entries), schedule, packs, slot_names)
-            program = compile_step(fn, convention, self.mesh, self.pipeline)
+            program = compile_step(self, entries, mesh, schedule=self._schedule(), packs=packs,
+                                   slot_names=self._entry_slots(), pipeline=self.pipeline)
             self._programs[key] = program
         return program
 
-    def _packed_program(self, entries: tuple[StepEntry, ...]) -> tuple[StepProgram, tuple[int, ...]]:
-        """The program `apply_gradients` runs for `entries` over the packed state, and the packs it takes."""
-        pack_ids = self._packs_for(entries)
-        packs = tuple(self._ensure_packed().packs[i] for i in pack_ids)
-        return self._program(entries, packs), pack_ids
+    def _packed_program(self, entries: tuple[StepEntry, ...]) -> StepProgram:
+        """The program `apply_gradients` runs for `entries`: the slots of packed members in their packs."""
+        state = self._ensure_packed()
+        pack_ids = sorted({state.member_of[e.name][0] for e in entries if e.name in state.member_of})
+        return self._program(entries, tuple(state.packs[i] for i in pack_ids))
+
+    def _holders(self, contract: StepContract, indices: list[int]) -> tuple[list[Any], list[Any], list[Any]]:
+        """What supplies (`.value`) each variable and state argument of `contract` and stores (`._set`) each
+        result, read from the contract by role and name: (variable holders, state-argument holders, result
+        holders). Gradients (and the learning rate input) come from the call."""
+        state = self._ensure_packed()
+        by_name: dict[str, Any] = {}
+        for p, group in enumerate(state.packs):
+            by_name[f"gradient_buffer/{group.name}"] = state.gradients[p]
+            for slot, buffer in state.slots[p].items():
+                by_name[f"{slot}/{group.name}"] = buffer
+        for i in indices:
+            name = self._step_names[i]
+            by_name[name] = self._model_variables[i]
+            for slot, var in self._slots[i].items():
+                by_name[f"{slot}/{name}"] = var
+        by_name["iterations"] = self.iterations
+        variables = [by_name[a.name] for a in contract.args if a.role == VARIABLE]
+        state_args = [by_name[a.name] for a in contract.args if a.role in (SLOT, GRADIENT_BUFFER, COUNTER)]
+        results = [by_name.get(r.name) for r in contract.results if r.role != HYPERPARAMETER]
+        return variables, state_args, results
 
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Variable]], name: str | None = None,
                         skip_gradients_aggregation: bool = False, **kwargs: Any) -> Variable:
-        """Applies one step: compiled once per gradient signature, then cached. Returns `iterations`."""
+        """Applies one step: compiled once per gradient signature, then cached. Returns `iterations`.
+
+        Safe to call from several threads: steps run one at a time (each donates the state it reads)."""
         pairs = list(grads_and_vars)
+        with self._lock:
+            return self._apply(pairs)
+
+    def _apply(self, pairs: list[tuple[Any, Variable]]) -> Variable:
         schedule = self._schedule()
         if not pairs:
             if schedule is not None:
@@ -157,29 +193,33 @@ class Optimizer(StateMixin, HyperparameterMixin):
                 signature.append(index)  # the common case: a dense gradient of the variable's shape and dtype
                 grad_arrays.append(g)
             else:
-                entry, arrays = gradient_entry(g, v, self._entry_slots())
+                entry, arrays = gradient_entry(g, v, self._entry_slots(), self._step_names[index])
                 signature.append(entry)
                 grad_arrays.extend(arrays)
         if not indices:
             raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in pairs]}.")
+        if len(set(indices)) != len(indices):
+            twice = sorted({self._step_names[i] for i in indices if indices.count(i) > 1})
+            raise ValueError(f"variables {twice} are listed more than once in one apply_gradients call; sum "
+                             "their gradients first")
         if dropped:
             log.warning("Gradients do not exist for variables %s when minimizing the loss.", dropped)
         key = (tuple(signature), self._schedule_key())
         fast = self._fast_programs.get(key)
         if fast is None:
-            entries = [dense_entry(self._model_variables[i], self._entry_slots()) if isinstance(sig, int) else sig
-                       for i, sig in zip(indices, signature, strict=True)]
+            entries = [dense_entry(self._model_variables[i], self._entry_slots(), self._step_names[i])
+                       if isinstance(sig, int) else sig for i, sig in zip(indices, signature, strict=True)]
             if self.global_clipnorm and not self.clipnorm and len({e.dtype for e in entries}) > 1:
                 raise TypeError("global_clipnorm needs every gradient to have the same dtype (tf.clip_by_global_norm "
                                 f"stacks the norms); got {sorted({e.dtype for e in entries})}")
-            program, pack_ids = self._packed_program(tuple(entries))
-            fast = self._fast_programs[key] = (program, *self._holders(indices, pack_ids))
-        program, var_holders, slot_holders = fast
-        args = [h.value for h in var_holders] + grad_arrays + [h.value for h in slot_holders] + [self.iterations.value]
+            program = self._packed_program(tuple(entries))
+            fast = self._fast_programs[key] = (program, *self._holders(program.contract, indices))
+        program, var_holders, state_holders, result_holders = fast
+        args = [h.value for h in var_holders] + grad_arrays + [h.value for h in state_holders]
         if schedule is None:
             args.append(self._lr_input())
         outs = program.executable(args)
-        for holder, value in zip([*var_holders, *slot_holders, self.iterations], outs, strict=False):
+        for holder, value in zip(result_holders, outs, strict=False):
             holder._set(value)
         if schedule is not None:
             self._current_lr = outs[-1]
@@ -238,7 +278,8 @@ class Optimizer(StateMixin, HyperparameterMixin):
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
         if not self._built:
             self.build([v for _, v in pairs])
-        return self._packed_program(tuple(gradient_entry(g, v, self._entry_slots())[0] for g, v in pairs))[0]
+        return self._packed_program(tuple(
+            gradient_entry(g, v, self._entry_slots(), self._step_names[self._var_index(v)])[0] for g, v in pairs))
 
     def compile(self, specs: Any) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see

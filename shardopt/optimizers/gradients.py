@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardopt.frontend.step import StepEntry
-from shardopt.frontend.variables import IndexedSlices, Variable
+from shardopt.core.contract import StepEntry
+from shardopt.core.specs import IndexedSlices
+from shardopt.optimizers.variables import Variable
 
 
 def gradient_array(grad: Any, var: Variable) -> jax.Array:
@@ -22,8 +23,11 @@ def gradient_array(grad: Any, var: Variable) -> jax.Array:
     return g
 
 
-def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...]) -> tuple[StepEntry, list[Any]]:
-    """Validates one gradient against its variable; returns the step entry and the arrays to pass."""
+def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str | None = None
+                   ) -> tuple[StepEntry, list[Any]]:
+    """Validates one gradient against its variable; returns the step entry (named `name`, the variable's unique
+    name in the step, by default its own) and the arrays to pass."""
+    name = var.name if name is None else name
     layout = var.layout.to_partition_spec()
     lay = tuple(layout) + (None,) * (len(var.shape) - len(layout))
     if isinstance(grad, IndexedSlices):
@@ -40,7 +44,7 @@ def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...]) -> tuple[St
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= var.shape[0]):
             raise ValueError(f"IndexedSlices for {var.name!r}: indices must be in [0, {var.shape[0]}), got "
                              f"[{int(indices.min())}, {int(indices.max())}]")
-        entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
+        entry = StepEntry(name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
                           index_dtype=str(indices.dtype))
         return entry, [values, indices]
     g = gradient_array(grad, var)
@@ -53,12 +57,13 @@ def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...]) -> tuple[St
         if not ok:
             raise ValueError(f"gradient for {var.name!r} has shape {gshape}, which does not broadcast to the "
                              f"variable's shape {var.shape}")
-    entry = StepEntry(var.name, var.shape, str(var.dtype), lay, slots,
+    entry = StepEntry(name, var.shape, str(var.dtype), lay, slots,
                       grad_shape=None if gshape == var.shape else gshape)
     return entry, [g]
 
-def dense_entry(var: Variable, slots: tuple[str, ...]) -> StepEntry:
+
+def dense_entry(var: Variable, slots: tuple[str, ...], name: str | None = None) -> StepEntry:
     """The step entry of `var` receiving a dense gradient of its own shape."""
     spec = tuple(var.layout.to_partition_spec())
-    return StepEntry(var.name, var.shape, str(var.dtype), spec + (None,) * (len(var.shape) - len(spec)),
-                     slots)
+    return StepEntry(var.name if name is None else name, var.shape, str(var.dtype),
+                     spec + (None,) * (len(var.shape) - len(spec)), slots)

@@ -1,8 +1,9 @@
 """The optimizer's state: placing variables on the mesh, slots (`add_variable_from_reference`, `get_slot`), and
-the packed buffers small variables and slots live in between steps (frontend/packing.py)."""
+the packed buffers the slots of small variables live in between steps (optimizers/packed_state.py)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,17 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from shardopt.frontend.layout import Layout, auto_mesh, default_mesh, same_mesh
-from shardopt.frontend.packed_state import PackedState, pack_state
-from shardopt.frontend.packing import PackGroup
-from shardopt.frontend.step import EMA_SLOT, StepEntry
-from shardopt.frontend.variables import Variable
+from shardopt.core.contract import EMA_SLOT
+from shardopt.core.layout import Layout, auto_mesh, default_mesh, resolve_mesh, same_mesh
+from shardopt.core.packing import PackGroup
+from shardopt.optimizers.packed_state import PackedState, pack_state
+from shardopt.optimizers.variables import Variable
 
 
 class StateMixin:
     """Variables, slots and packed state of an `Optimizer` (its attributes are set by `Optimizer.__init__`)."""
 
     mesh: Mesh | None
+    name: str
     use_ema: bool
     pack_max_elements: int
     iterations: Variable
@@ -28,6 +30,7 @@ class StateMixin:
     _variables: list[Variable]
     _index: dict[int, int]
     _model_variables: list[Variable]
+    _step_names: list[str]
     _slots: list[dict[str, Variable]]
     _var_avals: list[tuple[tuple[int, ...], np.dtype]]
     _packed: PackedState | None
@@ -42,23 +45,16 @@ class StateMixin:
         """The definition's slots, in the order `build` adds them."""
         return ()
 
-    def _resolve_mesh(self, var_list: Sequence[Variable]) -> Mesh:
-        if self.mesh is not None:
-            return self.mesh
-        for v in var_list:
-            if v.layout is not None:
-                return v.layout.mesh
-        return default_mesh()
-
     def build(self, var_list: Sequence[Variable]) -> None:
         """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
         if self._built:
             return
         var_list = list(var_list)
-        mesh = self._resolve_mesh(var_list)
         for v in var_list:
             if not isinstance(v, Variable):
                 raise TypeError(f"expected shardopt.Variable, got {type(v).__name__}")
+        mesh = resolve_mesh(self.mesh, [v.layout for v in var_list])
+        for v in var_list:
             if not jnp.issubdtype(v.dtype, jnp.floating):
                 raise TypeError(f"variable {v.name!r} has dtype {v.dtype}: optimizers update floating point "
                                 "variables only")
@@ -67,10 +63,12 @@ class StateMixin:
             elif not same_mesh(auto_mesh(v.layout.mesh), auto_mesh(mesh)):
                 raise ValueError(f"variable {v.name!r} is laid out on a different mesh ({v.layout}) than the "
                                  f"optimizer's mesh {dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))}")
+        if len({id(v) for v in var_list}) != len(var_list):
+            raise ValueError(f"the same variable is listed twice in {[v.name for v in var_list]}")
         self.mesh = mesh
-        it = self.iterations
-        it.place(Layout.replicated(mesh, 0))
+        self.iterations.place(Layout.replicated(mesh, 0))
         self._model_variables = var_list
+        self._step_names = unique_names([v.name for v in var_list])
         self._index = {id(v): i for i, v in enumerate(var_list)}
         self._var_avals = [(v.shape, np.dtype(v.dtype)) for v in var_list]  # variables never change shape or dtype
         self._slots = [{} for _ in var_list]
@@ -92,16 +90,17 @@ class StateMixin:
 
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
                                     shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
-        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given)."""
+        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given; zeros are
+        allocated only when read, or as part of the slot's pack)."""
         shape = tuple(model_variable.shape if shape is None else shape)
         layout = model_variable.layout if shape == model_variable.shape else None
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
+        name = f"{variable_name}/{model_variable.name}"
         if initial_value is None:
-            init = jnp.zeros(shape, model_variable.dtype, device=layout.to_named_sharding())
+            slot = Variable.zeros(shape, model_variable.dtype, name, layout)
         else:
-            init = jnp.array(initial_value, dtype=model_variable.dtype, copy=True)
-        slot = Variable(init, name=f"{variable_name}/{model_variable.name}", layout=layout)
+            slot = Variable(jnp.array(initial_value, dtype=model_variable.dtype, copy=True), name=name, layout=layout)
         self._variables.append(slot)
         if id(model_variable) in self._index:
             self._slots[self._index[id(model_variable)]][variable_name] = slot
@@ -130,53 +129,34 @@ class StateMixin:
 
     @property
     def packs(self) -> tuple[PackGroup, ...]:
-        """The packed buffers small variables and their slots live in (empty before the first step, or with
+        """The packed buffers the slots of small variables live in (empty before the first step, or with
         `pack_max_elements = 0`): names, dtype, layout and members with their offsets."""
         return () if self._packed is None else self._packed.packs
 
     def _ensure_packed(self) -> PackedState:
-        """Packs the state once, at the first step (after `build`, so definitions have added their slots)."""
+        """Packs the slots once, at the first step (after `build`, so definitions have added their slots)."""
         if self._packed is None:
-            self._packed = pack_state(self._model_variables, self._slots, self._entry_slots(), self.mesh,
-                                      self.pack_max_elements)
+            self._packed = pack_state(self._step_names, self._model_variables, self._slots, self._entry_slots(),
+                                      self.mesh, self.pack_max_elements)
         return self._packed
-
-    def _packs_for(self, entries: Sequence[StepEntry]) -> tuple[int, ...]:
-        """Indices of the packs with at least one member among `entries`."""
-        member_of = self._ensure_packed().member_of
-        return tuple(sorted({member_of[e.name][0] for e in entries if e.name in member_of}))
-
-    def _holders(self, indices: list[int], pack_ids: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
-        """What supplies (`.value`) and stores (`._set`) each variable and slot argument of a packed program:
-        the packed buffers of `pack_ids`, then the loose variables of `indices` (the convention's order)."""
-        state = self._ensure_packed()
-        slot_names = self._entry_slots()
-        loose = [i for i in indices if self._model_variables[i].name not in state.member_of]
-        var_holders: list[Any] = [state.variables[p] for p in pack_ids]
-        var_holders += [self._model_variables[i] for i in loose]
-        slot_holders: list[Any] = [state.slots[p][s] for p in pack_ids for s in slot_names]
-        slot_holders += [self._slots[i][s] for i in loose for s in slot_names]
-        slot_holders += [state.gradients[p] for p in pack_ids]  # the convention's gradient buffers follow the slots
-        return var_holders, slot_holders
 
     def state_holder(self, name: str) -> Any:
         """What holds the step argument `name` (a variable, slot or packed buffer): `.value` reads it."""
         state = self._ensure_packed()
-        for group, buffer, slots, gradients in zip(state.packs, state.variables, state.slots, state.gradients,
-                                                   strict=True):
-            if name == group.name:
-                return buffer
+        for group, slots, gradients in zip(state.packs, state.slots, state.gradients, strict=True):
             if name == f"gradient_buffer/{group.name}":
                 return gradients
             for slot, slot_buffer in slots.items():
                 if name == f"{slot}/{group.name}":
                     return slot_buffer
-        for var, own in zip(self._model_variables, self._slots, strict=True):
-            if name == var.name:
+        for step_name, var, own in zip(self._step_names, self._model_variables, self._slots, strict=True):
+            if name == step_name:
                 return var
             for slot, slot_var in own.items():
-                if name == f"{slot}/{var.name}":
+                if name == f"{slot}/{step_name}":
                     return slot_var
+        if name == "iterations":
+            return self.iterations
         raise KeyError(f"no optimizer state named {name!r}")
 
     def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:
@@ -185,3 +165,15 @@ class StateMixin:
             return
         for v in var_list:
             v._set(self._slots[self._var_index(v)][EMA_SLOT].value + 0)
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """`names` with repeats told apart (`kernel`, `kernel#2`): Keras 3 layers all call their weight `kernel`, and
+    the step contract names each variable's arguments after it."""
+    seen: Counter[str] = Counter()
+    total = Counter(names)
+    out = []
+    for n in names:
+        seen[n] += 1
+        out.append(n if total[n] == 1 else f"{n}#{seen[n]}")
+    return out

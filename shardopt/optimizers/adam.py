@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from shardopt.frontend import options
-from shardopt.frontend.optimizer import Optimizer, State
+from shardopt.optimizers.base import Optimizer, State
 
 
 def _via_float32(x: float, dtype: Any) -> jax.Array:

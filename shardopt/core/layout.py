@@ -109,25 +109,9 @@ class Layout:
         if len(shape) != self.rank:
             raise ValueError(f"{what}: layout {self} has rank {self.rank} but the tensor has shape {tuple(shape)}")
         sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-        seen: dict[str, int] = {}
-        for dim in range(self.rank):
-            for axis in self.axes_of(dim):
-                if axis not in sizes:
-                    raise ValueError(
-                        f"{what}: dimension {dim} is sharded over unknown mesh axis {axis!r}; "
-                        f"the mesh has axes {list(self.mesh.axis_names)}"
-                    )
-                if axis in seen:
-                    raise ValueError(
-                        f"{what}: mesh axis {axis!r} shards both dimension {seen[axis]} and dimension {dim}"
-                    )
-                seen[axis] = dim
-            shards = self.shards_of(dim)
-            if shape[dim] % shards:
-                raise ValueError(
-                    f"{what}: dimension {dim} of size {shape[dim]} is not divisible by mesh axis "
-                    f"{'x'.join(self.axes_of(dim))} of size {shards}"
-                )
+        problem = layout_problem(shape, [self.axes_of(d) for d in range(self.rank)], sizes)
+        if problem:
+            raise ValueError(f"{what}: {problem}")
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -142,6 +126,38 @@ class Layout:
     def __repr__(self) -> str:
         mesh = ",".join(f"{n}={s}" for n, s in zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
         return f"Layout({list(self.sharding_specs)}, mesh<{mesh}>)"
+
+
+def layout_problem(shape: Sequence[int], dims: Sequence[Any], mesh_axes: dict[str, int]) -> str | None:
+    """Why a tensor of `shape` cannot be laid out with mesh axes `dims` (one entry per dimension: None, an axis
+    or a tuple of axes) on a mesh of `mesh_axes`, or None when it can: an unknown axis, an axis used twice, or a
+    dimension not divisible by its axes. The one rule behind `Layout.validate` and `propagate-layouts`."""
+    used: dict[str, int] = {}
+    for dim, entry in enumerate(dims):
+        axes = () if entry is None or entry == UNSHARDED else ((entry,) if isinstance(entry, str) else tuple(entry))
+        shards = 1
+        for axis in axes:
+            if axis not in mesh_axes:
+                return (f"dimension {dim} is sharded over unknown mesh axis {axis!r}; the mesh has axes "
+                        f"{list(mesh_axes)}")
+            if axis in used:
+                return f"mesh axis {axis!r} shards both dimension {used[axis]} and dimension {dim}"
+            used[axis] = dim
+            shards *= mesh_axes[axis]
+        if shape[dim] % shards:
+            return (f"dimension {dim} of size {shape[dim]} is not divisible by mesh axis {'x'.join(axes)} of size "
+                    f"{shards}")
+    return None
+
+
+def resolve_mesh(mesh: Mesh | None, layouts: Sequence[Any]) -> Mesh:
+    """The optimizer's mesh; else the mesh of the first layout given; else one device."""
+    if mesh is not None:
+        return mesh
+    for lay in layouts:
+        if lay is not None:
+            return lay.mesh
+    return default_mesh()
 
 
 def as_layout(obj: Any, mesh: Mesh | None, rank: int) -> Layout | None:

@@ -1,9 +1,13 @@
-"""Variables laid out on a mesh, data-free variable specs, and sparse gradients."""
+"""Variables: named, mutable tensors laid out on a mesh (the Keras-shaped API's state holders).
+
+A slot of a small variable is a *view* of its pack's buffer (`optimizers/packed_state.py`): read, it is cut out;
+assigned, it is written back. A slot created as zeros is *deferred*: no memory is allocated for it until it is
+read, so creating the slots of thousands of small variables costs nothing and packing them allocates one buffer.
+"""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -11,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from shardopt.frontend.layout import Layout, as_layout
+from shardopt.core.layout import Layout, as_layout
+from shardopt.core.specs import IndexedSlices, VariableSpec  # re-exported: users import them from here too
 
 _unnamed = itertools.count()
 
@@ -40,14 +45,34 @@ class Variable:
             value = jax.device_put(value, self._layout.to_named_sharding())
         self._value: jax.Array = value
         self._view: tuple[Any, int] | None = None  # (PackedBuffer, member index) once the optimizer packs it
+        self._deferred = False  # zeros not yet allocated (see `zeros`)
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], dtype: Any, name: str, layout: Layout) -> Variable:
+        """A variable of zeros whose memory is allocated only when it is first read (slots that get packed
+        never are: their pack allocates one buffer for all of them)."""
+        var = cls.__new__(cls)
+        var.name, var.trainable, var._layout, var._view, var._deferred = name, False, layout, None, True
+        var._value = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=layout.to_named_sharding())
+        return var
 
     @property
     def value(self) -> jax.Array:
-        return self._value if self._view is None else self._view[0].member(self._view[1])
+        if self._view is not None:
+            return self._view[0].member(self._view[1])
+        if self._deferred:
+            self._value = jnp.zeros(self._value.shape, self._value.dtype, device=self._layout.to_named_sharding())
+            self._deferred = False
+        return self._value
+
+    @property
+    def is_deferred_zeros(self) -> bool:
+        return self._deferred and self._view is None
 
     def _attach(self, buffer: Any, index: int) -> None:
         """Makes this variable a view of member `index` of a packed buffer (see `frontend/packed_state.py`)."""
         self._view = (buffer, index)
+        self._deferred = False
         self._value = jax.ShapeDtypeStruct(self._value.shape, self._value.dtype,
                                            sharding=buffer.member_shardings[index])
 
@@ -73,7 +98,7 @@ class Variable:
             raise RuntimeError(f"variable {self.name!r} is part of an optimizer's packed state; its layout is fixed")
         layout.validate(self.shape, f"variable {self.name!r}")
         self._layout = layout
-        self._value = jax.device_put(self._value, layout.to_named_sharding())
+        self._value = jax.device_put(self.value, layout.to_named_sharding())
 
     def assign(self, value: Any) -> Variable:
         """Replaces the value (same shape and dtype), keeping the layout."""
@@ -88,6 +113,7 @@ class Variable:
         """Stores a new value computed by a compiled step (already in the right place)."""
         if self._view is None:
             self._value = array
+            self._deferred = False
         else:
             self._view[0].write_member(self._view[1], array)
 
@@ -102,28 +128,4 @@ class Variable:
         return f"<shardopt.Variable {self.name!r} shape={self.shape} dtype={self.dtype} layout={self._layout}>"
 
 
-@dataclass(frozen=True)
-class VariableSpec:
-    """Shape, dtype and layout of a variable, without data: enough to compile a step."""
-
-    shape: tuple[int, ...]
-    dtype: Any
-    layout: Any = None
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-
-
-@dataclass(frozen=True)
-class IndexedSlices:
-    """A sparse gradient: rows `indices` of a tensor of `dense_shape` hold `values` (duplicates are summed)."""
-
-    values: Any
-    indices: Any
-    dense_shape: Any = None
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.values.dtype)
+__all__ = ["IndexedSlices", "Variable", "VariableSpec"]

@@ -1,25 +1,32 @@
-"""The optimizer's packed state between steps: one buffer per pack for its variables and one per slot, with the
-`Variable`s of the members turned into views (cut out of the buffer when read, written back when assigned)."""
+"""The optimizer's packed slots between steps: one buffer per pack and slot, with the slot `Variable`s of the
+members turned into views (cut out of the buffer when read, written back when assigned), and the pack's donated
+gradient buffer. The plan of the packs is `core/packing.py`'s; this module holds their arrays."""
 
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from shardopt.frontend.layout import auto_mesh
-from shardopt.frontend.packing import PackGroup, plan_packs
-from shardopt.frontend.variables import Variable
+from shardopt.core.layout import auto_mesh
+from shardopt.core.packing import PackGroup, plan_packs
+from shardopt.optimizers.variables import Variable
 
 
-@functools.lru_cache(maxsize=256)
-def _unpacker(group: PackGroup, shardings: tuple[NamedSharding, ...]):
-    return jax.jit(lambda a: tuple(group.unpack(a, i) for i in range(len(group.members))), out_shardings=shardings)
+@functools.lru_cache(maxsize=4096)
+def _cutter(dim: int, shape: tuple[int, ...], piece: tuple[int, ...], sharding: NamedSharding):
+    """Cuts one member of `shape` (a `piece` along `dim`) at a runtime offset: one compiled program per member
+    shape and layout, not one per member or one with an output per member (2000 outputs took XLA 30 s)."""
+    def cut(packed: jax.Array, offset: jax.Array) -> jax.Array:
+        piece_value = jax.lax.dynamic_slice_in_dim(packed, offset, piece[dim], axis=dim)
+        return piece_value.reshape(shape)
+
+    return jax.jit(cut, out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,11 +74,16 @@ class PackedBuffer:
         self._views = None
 
     def member(self, index: int) -> jax.Array:
-        """Member `index`'s value; the first read after a step cuts out every member in one call."""
+        """Member `index`'s value, cut out on first read after a step (and kept until the next one)."""
         if self._views is None:
+            self._views = [None] * len(self.group.members)
+        view = self._views[index]
+        if view is None:
+            m = self.group.members[index]
             packed = jax.device_put(self._array, self.sharding)  # the step may return it typed on the user's mesh
-            self._views = list(_unpacker(self.group, self.member_shardings)(packed))
-        return self._views[index]
+            cut = _cutter(self.group.dim, m.shape, self.group.piece_shape(m.shape), self.member_shardings[index])
+            view = self._views[index] = cut(packed, np.int32(m.offset))
+        return view
 
     def write_member(self, index: int, value: jax.Array) -> None:
         """Writes member `index` into the buffer (donating the old one); the cached views stay valid."""
@@ -83,7 +95,7 @@ class PackedBuffer:
 
 
 class ScratchBuffer:
-    """A pack's gradient buffer: donated to each step and handed back (see convention.GRADIENT_BUFFER)."""
+    """A pack's gradient buffer: donated to each step and handed back (see contract.GRADIENT_BUFFER)."""
 
     def __init__(self, array: jax.Array):
         self.value = array
@@ -94,54 +106,51 @@ class ScratchBuffer:
 
 @dataclass
 class PackedState:
-    """The packs of an optimizer and their buffers: `variables[p]`, `slots[p][slot name]`, `gradients[p]`."""
+    """The packs of an optimizer's slots and their buffers: `slots[p][slot name]`, `gradients[p]`."""
 
     packs: tuple[PackGroup, ...]
-    variables: list[PackedBuffer]
     slots: list[dict[str, PackedBuffer]]
     gradients: list[ScratchBuffer]
-    member_of: dict[str, tuple[int, int]]   # variable name -> (pack index, member index)
+    member_of: dict[str, tuple[int, int]]   # variable (step) name -> (pack index, member index)
 
 
 def _packed_buffer(group: PackGroup, sharding: NamedSharding, member_shardings: tuple[NamedSharding, ...],
-                   values: list[jax.Array]) -> PackedBuffer:
-    """A new buffer packing `values` (one per member, wherever they live)."""
-    values = jax.device_put(values, [_on_mesh(sharding.mesh, m) for m in member_shardings])
+                   slots: list[Variable]) -> PackedBuffer:
+    """A new buffer packing the members' slots: zeros at once when every slot is still deferred zeros."""
+    if all(s.is_deferred_zeros for s in slots):
+        return PackedBuffer(group, jnp.zeros(group.shape, group.dtype, device=sharding), sharding, member_shardings)
+    values = jax.device_put([s.value for s in slots], [_on_mesh(sharding.mesh, m) for m in member_shardings])
     return PackedBuffer(group, _packer(group, sharding)(values), sharding, member_shardings)
 
 
-def pack_state(variables: Sequence[Variable], slots: Sequence[dict[str, Variable]], slot_names: Sequence[str],
-               mesh: Mesh, max_elements: int) -> PackedState:
-    """Packs the small variables (and their slots) that share a dtype and packable layout; attaches views."""
+def pack_state(names: Sequence[str], variables: Sequence[Variable], slots: Sequence[dict[str, Variable]],
+               slot_names: Sequence[str], mesh: Mesh, max_elements: int) -> PackedState:
+    """Packs the slots of the small variables that share a dtype and packable layout; the slot `Variable`s
+    become views of the packed buffers. The variables themselves stay the user's arrays."""
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     candidates = []
-    by_name: dict[str, tuple[Variable, dict[str, Variable]]] = {}
-    counts = Counter(v.name for v in variables)
-    for var, own in zip(variables, slots, strict=True):
-        if var._view is not None:
-            continue  # already packed by another optimizer: stays in that buffer, updated through its view
-        if counts[var.name] > 1 or any(s not in own or own[s].shape != var.shape for s in slot_names):
+    by_name: dict[str, dict[str, Variable]] = {}
+    for name, var, own in zip(names, variables, slots, strict=True):
+        if not slot_names or any(s not in own or own[s].shape != var.shape or own[s]._view is not None
+                                 for s in slot_names):
             continue
         spec = tuple(var.layout.to_partition_spec())
         layout = spec + (None,) * (len(var.shape) - len(spec))
-        candidates.append((var.name, var.shape, str(var.dtype), layout))
-        by_name[var.name] = (var, own)
+        candidates.append((name, var.shape, str(var.dtype), layout))
+        by_name[name] = own
     packs = plan_packs(candidates, mesh_axes, max_elements) if max_elements > 0 else ()
-    state = PackedState(packs, [], [], [], {})
+    state = PackedState(packs, [], [], {})
     for p_index, group in enumerate(packs):
         sharding = NamedSharding(auto_mesh(mesh), PartitionSpec(*group.layout))
         member_shardings = tuple(NamedSharding(mesh, PartitionSpec(*group.member_layout(len(m.shape))))
                                  for m in group.members)
-        holders = [by_name[m.name] for m in group.members]
-        var_buffer = _packed_buffer(group, sharding, member_shardings, [v.value for v, _ in holders])
-        slot_buffers = {s: _packed_buffer(group, sharding, member_shardings, [own[s].value for _, own in holders])
-                        for s in slot_names}
-        for i, (var, own) in enumerate(holders):
-            var._attach(var_buffer, i)
+        owns = [by_name[m.name] for m in group.members]
+        buffers = {s: _packed_buffer(group, sharding, member_shardings, [own[s] for own in owns])
+                   for s in slot_names}
+        for i, (member, own) in enumerate(zip(group.members, owns, strict=True)):
             for s in slot_names:
-                own[s]._attach(slot_buffers[s], i)
-            state.member_of[var.name] = (p_index, i)
-        state.variables.append(var_buffer)
-        state.slots.append(slot_buffers)
+                own[s]._attach(buffers[s], i)
+            state.member_of[member.name] = (p_index, i)
+        state.slots.append(buffers)
         state.gradients.append(ScratchBuffer(jnp.zeros(group.shape, group.dtype, device=sharding)))
     return state

@@ -3,27 +3,27 @@ functional step (`state = step.init(params)`, `params, state = step(params, grad
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardopt.frontend.layout import Layout, as_layout, auto_mesh, default_mesh, same_mesh
-from shardopt.frontend.step import EMA_SLOT, StepEntry
-from shardopt.frontend.variables import Variable, VariableSpec
+from shardopt.core.contract import EMA_SLOT, StepEntry
+from shardopt.core.layout import Layout, as_layout, auto_mesh, default_mesh, same_mesh
+from shardopt.core.packing import plan_packs
+from shardopt.core.specs import VariableSpec
+from shardopt.optimizers.variables import Variable
 from shardopt.runtime.functional import SLOT_INIT_FROM_VARIABLE, SLOT_INIT_ZEROS, FunctionalStep, path_name
 
-if TYPE_CHECKING:
-    from shardopt.frontend.optimizer import Optimizer
 
-
-def compile_functional(opt: Optimizer, specs: Any) -> FunctionalStep:
+def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optimizers.base.Optimizer
     """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data.
 
     Returns a functional step: `state = step.init(params)`, `params, state = step(params, grads, state)`.
-    The optimizer's own state is not used or changed; variables and slots stay one buffer each (the functional
-    step's params and state are pytrees of per-variable arrays).
+    The optimizer's own state is not used or changed. Params stay the user's pytree; the slots of small
+    variables are packed exactly as `apply_gradients` packs them (one contract for every path), so the step
+    returned here, its artifact, `as_jax_function` and `as_optax` all run the fused packed update.
     """
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(
         specs, is_leaf=lambda x: isinstance(x, (VariableSpec, Variable)))
@@ -52,11 +52,11 @@ def compile_functional(opt: Optimizer, specs: Any) -> FunctionalStep:
         names.append(name)
     if len(set(names)) != len(names):
         raise ValueError(f"variable names must be unique, got duplicates in {names}")
-    saved_mesh, opt.mesh = opt.mesh, mesh
-    try:
-        program = opt._program(tuple(entries))
-    finally:
-        opt.mesh = saved_mesh
+    mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    slots = opt._entry_slots()
+    packs = plan_packs([(e.name, e.shape, e.dtype, e.layout) for e in entries], mesh_axes,
+                       opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
+    program = opt._program(tuple(entries), packs, mesh)
     schedule = opt._schedule()
     return FunctionalStep(
         executable=program.executable, treedef=treedef, names=tuple(names),

@@ -1,7 +1,8 @@
 """Packed optimizer state: which variables share one flat buffer per (dtype, layout), and how a member is cut out.
 
-Between steps, `apply_gradients` keeps small variables and their slots packed, one buffer per group, so a step
-takes a few state buffers (plus one gradient per variable) and returns a few: XLA:CPU pays ~1.3 µs per result
+Between steps, every step (stateful, functional, embedded, loaded from an artifact) keeps the slots of small
+variables packed, one buffer per group and slot, so a step takes a few state buffers (plus one variable and one
+gradient per variable) and returns a few: XLA:CPU pays ~1.3 µs per result
 buffer (`../shared/notes/pipeline-facts.md` §9) and 1-3 µs per loop kernel (optax's step minus the no-op's
 over 6000 kernels, across the benchmark runs), which for 2000 small tensors costs more than the math. `fuse-moments`
 then turns the per-member updates into one update per group, and the gradients are gathered into a donated
@@ -9,6 +10,9 @@ per-pack scratch buffer (convention.GRADIENT_BUFFER). Packing keeps every device
 - replicated members are flattened and concatenated: packed shape `[N]`;
 - members sharded on dim 0 only (S shards) become `[S, n/S]` pieces (row k is device k's contiguous block)
   concatenated on dim 1: packed shape `[S, N/S]`, sharded on dim 0.
+Packing is a layout decision of the step contract (`core/contract.py`): each packed buffer is an argument whose
+spec names its pack, and the frontend writes that into the IR (`shardopt.pack`, `shardopt.members`), where the
+passes read it. The variables themselves stay the user's arrays.
 Members with other layouts, or larger than `PACK_MAX_ELEMENTS`, stay loose (one buffer each): for a large
 tensor the copy that gathers its gradient into the packed buffer (8 bytes per element) costs more than the
 per-buffer overheads packing saves. Measured with `apply_gradients` on 7.4M float32 parameters, one CPU device,
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 PACK_MAX_ELEMENTS = 1 << 16
-PACK_PREFIX = "@pack"
+PACK_PREFIX = "@pack"  # only a readable name: nothing parses it
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,17 @@ class PackGroup:
         size = self.piece_shape(m.shape)[self.dim]
         piece = jax.lax.slice_in_dim(packed, m.offset, m.offset + size, axis=self.dim)
         return piece.reshape(m.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "axes": list(self.axes) if isinstance(self.axes, tuple)
+                else self.axes, "shards": self.shards,
+                "members": [[m.name, list(m.shape), m.offset] for m in self.members]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PackGroup:
+        axes = tuple(d["axes"]) if isinstance(d["axes"], list) else d["axes"]
+        return cls(str(d["name"]), str(d["dtype"]), axes, int(d["shards"]),
+                   tuple(PackMember(str(n), tuple(int(x) for x in shape), int(o)) for n, shape, o in d["members"]))
 
     def pack(self, values: Sequence[jax.Array]) -> jax.Array:
         """The packed buffer of `values` (one per member, in order; traceable)."""

@@ -1,0 +1,19 @@
+"""The errors every layer raises, defined once at the bottom so that no layer imports another for its errors."""
+
+from __future__ import annotations
+
+
+class PassError(ValueError):
+    """A pass met IR or layouts it cannot accept; the message names the tensor, dimension and axis."""
+
+
+class StepInputError(ValueError):
+    """An input does not match the compiled step; nothing was donated or changed."""
+
+
+class ArtifactError(ValueError):
+    """A `.shardopt` file cannot be used: not an artifact, truncated, corrupted, tampered with, from an unknown
+    format version, or made for another mesh, device count or platform. The message says what does not match."""
+
+
+__all__ = ["ArtifactError", "PassError", "StepInputError"]
