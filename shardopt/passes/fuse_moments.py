@@ -21,8 +21,8 @@ Where the results go decides whether fusing pays:
   per slice and materialises the concatenated inputs: more bytes, temp memory and compile time. Measured (2000 x
   f32[3700], one device): 6002 -> 6003 loop kernels, 0 -> 118 MB temp, XLA compile 13 s -> 157 s, step about 4x
   slower; GPT-2 small on the 2x4 mesh: step about 6x slower. So `fuse-moments` leaves such units alone
-  ("results not packed") and the registered variant `fuse-moments-unpacked` fuses them too, for tests that pin
-  this XLA behaviour (tests/test_pass_fuse_moments.py).
+  ("results not packed") and `fuse-moments{unpacked=true}` fuses them too, for tests that pin this XLA
+  behaviour (tests/test_pass_fuse_moments.py).
 
 Packing keeps every device's data local (no transposes, no collectives):
 - replicated layouts: flatten each tensor and concatenate (`[n]`);
@@ -38,6 +38,7 @@ Packed tensors and packed results carry `sdy.sharding_constraint`s with those la
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir
@@ -47,17 +48,20 @@ from shardopt import ir as sir
 from shardopt.frontend.convention import SLOT, VARIABLE
 from shardopt.frontend.packing import PACK_PREFIX, member_layout
 from shardopt.passes import fusion_ir as fir
-from shardopt.passes.base import PassError
+from shardopt.passes.base import ModulePass, PassError, option
 from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for
 
 
-class FuseMoments:
+@dataclass(frozen=True)
+class FuseMoments(ModulePass):
     """Groups isomorphic per-variable update chains by layout and runs each group once on packed tensors."""
 
     NAME: ClassVar[str] = "fuse-moments"
-    max_group: ClassVar[int] = 0  # 0: no limit on the variables per group
-    unpacked_results: ClassVar[bool] = False  # also fuse variables returned in buffers of their own
+    max_group: int = option(0, "most variables fused into one chain (0: no limit)")
+    unpacked: bool = option(False, "also fuse variables returned in buffers of their own (slower on XLA:CPU)")
 
+    def __post_init__(self) -> None:
+        self.check(self.max_group >= 0, "max-group", "non-negative")
 
     def run(self, module: ir.Module) -> dict[str, Any]:
         fir.run_textual(module, "cse")  # one value per shared scalar (lr factors, clip scale), so groups share it
@@ -72,7 +76,7 @@ class FuseMoments:
         units = self._units(fn, ret, sinks, skipped)
         groups: dict[tuple[str, str], list[tuple[Unit, Packing]]] = {}
         for unit in units.values():
-            if not unit.packed and not self.unpacked_results:
+            if not unit.packed and not self.unpacked:
                 skipped["results not packed"] += len(unit.roots)
                 continue
             packing, pack_key = packing_for(unit.shape, unit.layout, mesh)
@@ -149,14 +153,6 @@ class FuseMoments:
             else:
                 good[name] = unit
         return good
-
-
-class FuseMomentsUnpacked(FuseMoments):
-    """`fuse-moments` that also fuses variables whose results are returned one buffer each (slower on XLA:CPU;
-    kept to measure and pin that, see the module docstring)."""
-
-    NAME: ClassVar[str] = "fuse-moments-unpacked"
-    unpacked_results: ClassVar[bool] = True
 
 
 def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink]) -> int:

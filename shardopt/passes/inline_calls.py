@@ -5,15 +5,18 @@ jax lowers some helpers (`jnp.where`, optax pieces) to private functions; fusion
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir
 
 from shardopt import ir as sir
 from shardopt.compat.jax_private import inline_func_call
+from shardopt.passes.base import ModulePass
 
 
-class InlineCalls:
+@dataclass(frozen=True)
+class InlineCalls(ModulePass):
     """Replaces each `func.call` with a copy of its callee, until none are left."""
 
     NAME: ClassVar[str] = "inline-calls"

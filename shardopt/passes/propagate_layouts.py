@@ -8,6 +8,7 @@ the dimension and the axis, raised before anything is compiled or donated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir
@@ -22,7 +23,7 @@ from shardopt.frontend.convention import (
     SLOT,
     VARIABLE,
 )
-from shardopt.passes.base import PassError
+from shardopt.passes.base import ModulePass, PassError
 
 FOLLOWS_OWNER = (SLOT, GRADIENT_BUFFER)
 REPLICATED_ROLES = (COUNTER, HYPERPARAMETER, GRADIENT_INDICES)
@@ -51,7 +52,8 @@ def check_layout(name: str, shape: list[int], layout: tuple[Any, ...], mesh: dic
                             f"{'x'.join(axes)} of size {shards}")
 
 
-class PropagateLayouts:
+@dataclass(frozen=True)
+class PropagateLayouts(ModulePass):
     """Closes every boundary sharding of `@main` from the variables' layouts."""
 
     NAME: ClassVar[str] = "propagate-layouts"
