@@ -12,7 +12,7 @@ from jaxlib.mlir import ir
 
 from shardopt import ir as sir
 from shardopt.compat.jax_private import inline_func_call
-from shardopt.passes.base import ModulePass
+from shardopt.passes.base import ModulePass, PassError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class InlineCalls(ModulePass):
                 break
             for call in calls:
                 callee = ir.FlatSymbolRefAttr(call.attributes["callee"]).value
+                if callee not in funcs:
+                    raise PassError(f"func.call @{callee}: no func.func @{callee} at the top of the module")
                 with ir.InsertionPoint(call), call.location:
                     results = inline_func_call(funcs[callee], list(call.operands))
                 for old, new in zip(call.results, results, strict=True):
