@@ -7,7 +7,8 @@
 Reads a module (a file, or stdin for `-` or no file), runs the pipeline with the compiler's own runner
 (`run_pipeline`) and prints the resulting IR. An empty pipeline (the default) parses and prints the module again.
 `--split-input-file` runs every chunk between `// -----` lines on its own and separates the outputs the same
-way; a chunk that fails reports its error on stderr and the exit status is 1, as with mlir-opt. `--stats`
+way; a chunk that fails reports its error on stderr (with a traceback when it is not a PassError or an MLIR
+diagnostic) and the exit status is 1, as with mlir-opt. `--stats`
 writes every pass's statistics to stderr as one JSON document: a list with one entry per chunk.
 """
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import re
 import sys
+import traceback
 import warnings
 from typing import Any, TextIO
 
@@ -99,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, chunk in enumerate(chunks):
         try:
             out, stats = process(chunk, passes)
-        except (PassError, ir.MLIRError, ValueError) as e:
+        except Exception as e:  # reported per chunk; the other chunks still run
             label = f"{where} (chunk {k})" if args.split_input_file else where
+            if not isinstance(e, (PassError, ir.MLIRError)):  # not a diagnosed error: a bug, show where
+                traceback.print_exc(file=sys.stderr)
             print(f"{label}: error: {type(e).__name__}: {e}", file=sys.stderr)
             failed = True
             outputs.append("")

@@ -6,11 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from shardopt.opt import main, split_input
+from shardopt.passes import registry
+from shardopt.passes.base import ModulePass
+from shardopt.passes.registry import register
 
 ROOT = Path(__file__).resolve().parent.parent
 FILECHECK_DIR = ROOT / "tests" / "filecheck"
@@ -86,6 +91,29 @@ def test_failing_chunk_reports_and_the_others_still_print(tmp_path, capsys):
     assert f"{path} (chunk 0): error: PassError: module has no `sdy.mesh @mesh`" in err
     assert f"{path} (chunk 2): error: MLIRError" in err and "(chunk 1)" not in err
     assert "module @slots_follow_variables" in out and len(split_input(out)) == 3
+
+
+@dataclass(frozen=True)
+class Boom(ModulePass):
+    """A pass with a bug."""
+
+    NAME: ClassVar[str] = "boom"
+
+    def run(self, module: Any) -> dict[str, Any]:
+        raise RuntimeError("a bug in the pass")
+
+
+def test_unexpected_exception_shows_a_traceback(capsys):
+    """An exception that is not a PassError or an MLIR diagnostic is a bug: the traceback comes with the error."""
+    saved = dict(registry._PASSES)
+    try:
+        register(Boom)
+        assert main(["-p", "cleanup,boom", str(CLEANUP)]) == 1
+    finally:
+        registry._PASSES.clear()
+        registry._PASSES.update(saved)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and f"{CLEANUP}: error: RuntimeError: a bug in the pass" in err
 
 
 def test_bad_pipeline_and_missing_file(capsys):

@@ -3,7 +3,8 @@ statistics`.
 
 As in MLIR and xDSL (`ModulePass`), a pass is configured by its options, not by a subclass per option:
 `fuse-moments{unpacked=true max-group=4}` is `FuseMoments(unpacked=True, max_group=4)`. An option's textual name
-is its field name with dashes for underscores; its type (bool, int, float or str) is the field's annotation.
+is its field name with dashes for underscores (the field's own spelling is accepted too); its type (bool, int,
+float or str) is the field's annotation. Bools read true/false (also 1/0, on/off, yes/no), ints also 0x10 and 1_000.
 `pipeline.py` runs each pass inside MLIR's `PassManager` as a Python pass.
 """
 

@@ -93,7 +93,8 @@ def make_pass(element: str) -> ModulePass:
     name, options = parse_element(element)
     if name in DEPRECATED_ALIASES:
         replacement = DEPRECATED_ALIASES[name]
-        warnings.warn(f"pass name {name!r} is deprecated; use {replacement!r}", DeprecationWarning, stacklevel=3)
+        warnings.warn(f"pass name {name!r} is deprecated; use {replacement!r}", DeprecationWarning,
+                      stacklevel=3)  # the caller of build_pipeline
         name, preset = parse_element(replacement)
         options = {**preset, **options}
     return pass_class(name).from_options(options)
@@ -110,7 +111,8 @@ def build_pipeline(pipeline: str | Sequence[str | ModulePass]) -> tuple[ModulePa
         if isinstance(element, ModulePass):
             out.append(element)
         elif isinstance(element, str):
-            out.extend(make_pass(e) for e in split_pipeline(element))  # one element may itself be "a,b"
+            for e in split_pipeline(element):  # one element may itself be "a,b"
+                out.append(make_pass(e))
         else:
             raise PassError(f"pipeline element {element!r} is neither a pass spec nor a pass")
     return tuple(out)
