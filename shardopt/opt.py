@@ -8,8 +8,10 @@ Reads a module (a file, or stdin for `-` or no file), runs the pipeline with the
 (`run_pipeline`) and prints the resulting IR. An empty pipeline (the default) parses and prints the module again.
 `--split-input-file` runs every chunk between `// -----` lines on its own and separates the outputs the same
 way; a chunk that fails reports its error on stderr (with a traceback when it is not a PassError or an MLIR
-diagnostic) and the exit status is 1, as with mlir-opt. `--stats`
-writes every pass's statistics to stderr as one JSON document: a list with one entry per chunk.
+diagnostic), the other chunks still run, and the exit status is 1, as with mlir-opt. `--stats` writes every
+pass's statistics to stderr as one JSON document: a list with one entry per chunk.
+
+Pipeline syntax: shardopt/passes/spec.py; the passes and their options: `--list-passes`.
 """
 
 from __future__ import annotations
