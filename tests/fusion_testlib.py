@@ -19,23 +19,27 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt.compiler import StepProgram, finalize_convention
+from shardopt.opt import split_input
 from shardopt.passes.pipeline import run_pipeline
 from shardopt.runtime.executable import CompiledStep
 
 FILECHECK_DIR = Path(__file__).parent / "filecheck"
 FILECHECK = str(Path(sys.executable).parent / "filecheck")
-SEPARATOR = "\n// -----\n"
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|all-to-all|ragged-all-to-all|collective-permute|"
                         r"collective-broadcast|reduce-scatter)(?:-start)?\(")
 FRONT = ("inline-calls", "propagate-layouts")
 
 
-def filecheck(pass_name: str) -> tuple[int, str, list[dict[str, Any]]]:
-    """Runs `pass_name` alone on every chunk of tests/filecheck/<pass_name>.mlir and FileChecks the outputs."""
+def filecheck(pass_name: str, spec: str | None = None, prefixes: tuple[str, ...] = ("CHECK",)
+              ) -> tuple[int, str, list[dict[str, Any]]]:
+    """Runs `spec` (default: `pass_name` without options) alone on every chunk of tests/filecheck/<pass_name>.mlir,
+    in-process, and FileChecks the outputs with `prefixes`; returns FileCheck's status and stderr and every chunk's
+    statistics. (tests/test_filecheck.py runs the same files through their RUN lines and `shardopt.opt`.)"""
     path = FILECHECK_DIR / f"{pass_name}.mlir"
-    results = [run_pipeline(chunk, [pass_name]) for chunk in chunks(pass_name)]
+    results = [run_pipeline(chunk, [spec or pass_name]) for chunk in chunks(pass_name)]
     output = "\n".join(r.final_text for r in results)
-    proc = subprocess.run([FILECHECK, str(path)], input=output, text=True, capture_output=True, check=False)
+    proc = subprocess.run([FILECHECK, str(path), f"--check-prefixes={','.join(prefixes)}"], input=output, text=True,
+                          capture_output=True, check=False)
     return proc.returncode, proc.stderr, [r.stages[-1].stats for r in results]
 
 
@@ -158,4 +162,5 @@ def bytes_per_element(built: Built, elements: int) -> float:
 
 
 def chunks(pass_name: str) -> list[str]:
-    return (FILECHECK_DIR / f"{pass_name}.mlir").read_text().split(SEPARATOR)
+    """The chunks of tests/filecheck/<pass_name>.mlir, split as `shardopt.opt --split-input-file` splits them."""
+    return split_input((FILECHECK_DIR / f"{pass_name}.mlir").read_text())

@@ -48,6 +48,14 @@ def test_filecheck():
     assert stats[3]["packed_gradient_norms"] == 1 and stats[3]["norm_tree_leaves"] == 3
 
 
+def test_filecheck_max_operands():
+    """max-operands=1: one reduction per gradient, so no variadic reduce."""
+    rc, err, stats = filecheck(PASS, "fuse-clipping{max-operands=1}", prefixes=("ONE",))
+    assert rc == 0, err
+    assert [s["batched_reductions"] for s in stats] == [0, 0, 0, 0], stats
+    assert stats[0]["tensors_per_group"] == {"1": 3}, stats
+
+
 def _mesh_variables(mesh, dtype=np.float32):
     """Every layout kind on the 2x4 mesh, two of each so that groups form, plus a sparse embedding."""
     def var(name, shape, layout):

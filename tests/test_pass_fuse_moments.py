@@ -1,4 +1,4 @@
-"""`fuse-moments` (packed state, in DEFAULT_PIPELINE) and its `fuse-moments-unpacked` variant: FileCheck of IR
+"""`fuse-moments` (packed state, in DEFAULT_PIPELINE) and its `{unpacked=true}` option: FileCheck of IR
 in/out, bitwise-equal results before and after the pass on every layout kind and optimizer feature, no new
 collectives on the 2x4 mesh, and what XLA:CPU makes of the fused update (kernels, bytes per element, temp)."""
 
@@ -30,27 +30,38 @@ from shardopt import UNSHARDED, IndexedSlices, Layout, PassError
 from shardopt.passes.pipeline import DEFAULT_PIPELINE, REGISTRY, run_pipeline
 
 PASS = "fuse-moments"
-UNPACKED = "fuse-moments-unpacked"
+UNPACKED = "fuse-moments{unpacked=true}"
 
 
 def test_default_for_packed_state_only():
-    """fuse-moments (packed results only) is in DEFAULT_PIPELINE; the variant that also fuses variables returned
-    one buffer each is registered but not default: XLA:CPU loses on it (see the last test)."""
-    assert PASS in DEFAULT_PIPELINE and UNPACKED in REGISTRY and UNPACKED not in DEFAULT_PIPELINE
+    """fuse-moments (packed results only) is in DEFAULT_PIPELINE; the option that also fuses variables returned
+    one buffer each is off by default: XLA:CPU loses on it (see the last test)."""
+    assert PASS in DEFAULT_PIPELINE and PASS in REGISTRY and UNPACKED not in DEFAULT_PIPELINE
+    assert REGISTRY[PASS]().unpacked is False
 
 
 def test_filecheck_packed():
-    rc, err, stats = filecheck(PASS)
+    rc, err, stats = filecheck(PASS, prefixes=("CHECK", "FUSED", "DEFAULT"))
     assert rc == 0, err
     assert stats[0]["groups"] == 1 and stats[0]["tensors_per_group"] == {"2": 1}, stats
     assert stats[0]["packed_leaves"] == 3 and stats[0]["pack_copies_folded"] == 4, stats
+    assert [s["groups"] for s in stats[1:]] == [0, 0], stats  # one result per variable: left alone
+    assert set(stats[1]["results_unfused"]) == {"results not packed"}, stats
 
 
 def test_filecheck_unpacked():
-    rc, err, stats = filecheck(UNPACKED)
+    rc, err, stats = filecheck(PASS, UNPACKED, prefixes=("CHECK", "FUSED", "UNPACKED"))
     assert rc == 0, err
-    assert stats[0]["groups"] == 2 and stats[0]["tensors_per_group"] == {"2": 2} and stats[0]["packed_leaves"] == 6
-    assert stats[1]["groups"] == 1 and stats[1]["results_unfused"] == {"no unsharded dimension": 2}
+    assert stats[0]["groups"] == 1 and stats[0]["pack_copies_folded"] == 4, stats  # packed state: as by default
+    assert stats[1]["groups"] == 2 and stats[1]["tensors_per_group"] == {"2": 2} and stats[1]["packed_leaves"] == 6
+    assert stats[2]["groups"] == 1 and stats[2]["results_unfused"] == {"no unsharded dimension": 2}
+
+
+def test_filecheck_max_group():
+    """max-group=1: every group is cut into groups of one variable, so nothing is fused."""
+    rc, err, stats = filecheck(PASS, "fuse-moments{unpacked=true max-group=1}", prefixes=("CHECK", "ONE"))
+    assert rc == 0, err
+    assert [s["groups"] for s in stats] == [0, 0, 0] and stats[1]["tensors_per_group"] == {"1": 4}, stats
 
 
 def test_needs_closed_layouts(mesh):
@@ -91,7 +102,7 @@ def test_interpreter_bitwise_on_filecheck_inputs():
     """The IR semantics are unchanged bit for bit (reference interpreter, no compiler rewrites), including
     per-variable scalars packed as broadcast pieces."""
     for name in (PASS, UNPACKED):
-        for k, chunk in enumerate(chunks(name)):
+        for k, chunk in enumerate(chunks(PASS)):
             after = run_pipeline(chunk, [name]).final_text
             inputs = normal_inputs(chunk, seed=k)
             for x, y in zip(interpret(chunk, inputs), interpret(after, inputs), strict=True):
@@ -109,7 +120,7 @@ CONFIGS = {
 def _built(key: str, packed: bool = False) -> tuple:
     """Per configuration: the step before (after propagate-layouts) and after the pass, compiled for the 2x4 mesh
     over every layout kind and a sparse embedding; packed: state packed, fuse-moments; else one buffer per
-    variable, fuse-moments-unpacked."""
+    variable, fuse-moments{unpacked=true}."""
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
     opt = adam(mesh, packed=packed, **CONFIGS[key])
     program = opt.program_for(_grads(_variables(mesh, np.float32), np.float32))
@@ -219,8 +230,8 @@ def test_xla_cpu_cannot_profit_with_per_variable_results():
     """16 replicated f32[1024] variables, one device, one group. XLA:CPU has no multi-output loop fusion, so each
     of the 48 per-variable results still gets its own loop kernel (the packed chain is re-fused into every slice)
     and the concatenated inputs are materialised: more bytes per element than the unfused step's 40 (Adam's 28
-    plus re-reading the new m and v). This pins why fuse-moments-unpacked is not default; if it fails, XLA
-    learned to keep the packed update in one kernel and the variant should join DEFAULT_PIPELINE."""
+    plus re-reading the new m and v). This pins why unpacked=true is not the default; if it fails, XLA
+    learned to keep the packed update in one kernel and the option should become the default."""
     mesh = one_device_mesh()
     count, size = 16, 1024
     variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]

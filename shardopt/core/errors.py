@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class PassError(ValueError):
-    """A pass met IR or layouts it cannot accept; the message names the tensor, dimension and axis."""
+    """A pass met IR or layouts it cannot accept, or a pipeline names a pass or option that does not exist; the
+    message names the pass, option, tensor, dimension or axis."""
 
 
 class StepInputError(ValueError):

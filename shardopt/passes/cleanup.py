@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir, passmanager
 
 from shardopt import ir as sir
+from shardopt.passes.base import ModulePass
 
 TEXTUAL = "builtin.module(canonicalize,cse,symbol-dce)"
 
 
-class Cleanup:
+@dataclass(frozen=True)
+class Cleanup(ModulePass):
     """Standard cleanup; reports the op count before and after."""
 
     NAME: ClassVar[str] = "cleanup"

@@ -39,6 +39,7 @@ few float32 ulps (the tests require 1e-6 relative).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,6 +48,7 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt.passes import fusion_ir as fir
+from shardopt.passes.base import ModulePass, option
 from shardopt.passes.norm_trees import (
     SumOfSquares,
     erase_tree,
@@ -59,15 +61,20 @@ from shardopt.passes.norm_trees import (
 )
 
 
-class FuseClipping:
+@dataclass(frozen=True)
+class FuseClipping(ModulePass):
     """Batches sums of squares by (type, layout) into variadic reductions; collapses the global-norm add tree."""
 
     NAME: ClassVar[str] = "fuse-clipping"
-    max_operands: ClassVar[int] = 16
+    max_operands: int = option(16, "most gradients summed by one variadic reduce")
     # XLA:CPU emits a variadic reduce as one plain loop: it beats one kernel per small tensor, but the single
     # reductions of large tensors use XLA's faster reduction emitters (measured: 12 x f32[768,576] take 2.1 ms
     # batched, 0.8 ms apart; 16 x f32[3700] 0.08 ms batched, 0.17 ms apart; even at 16 x f32[65536]).
-    max_elements: ClassVar[int] = 1 << 15
+    max_elements: int = option(1 << 15, "largest tensor (elements per device) whose norm is batched")
+
+    def __post_init__(self) -> None:
+        self.check(self.max_operands >= 1, "max-operands", "at least 1")
+        self.check(self.max_elements >= 0, "max-elements", "non-negative")
 
     def run(self, module: ir.Module) -> dict[str, Any]:
         block = fir.main_block(module)

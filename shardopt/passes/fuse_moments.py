@@ -24,8 +24,8 @@ Where the results go decides whether fusing pays:
   per slice and materialises the concatenated inputs: more bytes, temp memory and compile time. Measured (2000 x
   f32[3700], one device): 6002 -> 6003 loop kernels, 0 -> 118 MB temp, XLA compile 13 s -> 157 s, step about 4x
   slower; GPT-2 small on the 2x4 mesh: step about 6x slower. So `fuse-moments` leaves such units alone
-  ("results not packed") and the registered variant `fuse-moments-unpacked` fuses them too, for tests that pin
-  this XLA behaviour (tests/test_pass_fuse_moments.py).
+  ("results not packed") and `fuse-moments{unpacked=true}` fuses them too, for tests that pin this XLA
+  behaviour (tests/test_pass_fuse_moments.py).
 
 Packing keeps every device's data local (no transposes, no collectives):
 - replicated layouts: flatten each tensor and concatenate (`[n]`);
@@ -41,6 +41,7 @@ Packed tensors and packed results carry `sdy.sharding_constraint`s with those la
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir
@@ -50,17 +51,20 @@ from shardopt import ir as sir
 from shardopt.core.contract import SLOT, VARIABLE
 from shardopt.core.packing import member_layout
 from shardopt.passes import fusion_ir as fir
-from shardopt.passes.base import PassError
+from shardopt.passes.base import ModulePass, PassError, option
 from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for
 
 
-class FuseMoments:
+@dataclass(frozen=True)
+class FuseMoments(ModulePass):
     """Groups isomorphic per-variable update chains by layout and runs each group once on packed tensors."""
 
     NAME: ClassVar[str] = "fuse-moments"
-    max_group: ClassVar[int] = 0  # 0: no limit on the variables per group
-    unpacked_results: ClassVar[bool] = False  # also fuse variables returned in buffers of their own
+    max_group: int = option(0, "most variables fused into one chain (0: no limit)")
+    unpacked: bool = option(False, "also fuse variables returned in buffers of their own (slower on XLA:CPU)")
 
+    def __post_init__(self) -> None:
+        self.check(self.max_group >= 0, "max-group", "non-negative")
 
     def run(self, module: ir.Module) -> dict[str, Any]:
         fir.run_textual(module, "cse")  # one value per shared scalar (lr factors, clip scale), so groups share it
@@ -75,7 +79,7 @@ class FuseMoments:
         units = self._units(fn, ret, sinks, skipped)
         groups: dict[tuple[str, str, tuple[bool, ...]], list[tuple[Unit, Packing]]] = {}
         for unit in units.values():
-            if not unit.packed and not self.unpacked_results:
+            if not unit.packed and not self.unpacked:
                 skipped["results not packed"] += len(unit.roots)
                 continue
             packing, pack_key = packing_for(unit.shape, unit.layout, mesh)
@@ -101,7 +105,7 @@ class FuseMoments:
         late: list[ir.Operation] = []  # ops that now read a packed result but sit before it
         for chunk, anchor in chunks:
             with ir.InsertionPoint(anchor), ret.location:
-                packed_leaves += _fuse(chunk, ret, sinks, late, self.unpacked_results)
+                packed_leaves += _fuse(chunk, ret, sinks, late, self.unpacked)
             fused_groups += 1
         # positions anew: an Operation's hash follows its operands, which the fusion has just rewired
         moved = _move_after_packed(late, {op.operation: i for i, op in enumerate(block.operations)}, ret)
@@ -131,7 +135,9 @@ class FuseMoments:
             name = sir.string_attr(attrs.get("shardopt.name")) or ""
             if role not in (VARIABLE, SLOT):
                 continue
-            key = "variable" if role == VARIABLE else (sir.string_attr(attrs.get("shardopt.slot")) or name)
+            key = "variable" if role == VARIABLE else sir.string_attr(attrs.get("shardopt.slot"))
+            if key is None:
+                raise PassError(f"result {name or j}: a slot without `shardopt.slot` (the frontend names every slot)")
             layout = sir.layout_from_sharding(attrs.get("sdy.sharding"))
             if layout is None:
                 raise PassError(f"result {name or j}: no closed layout; run propagate-layouts first")
@@ -165,14 +171,6 @@ class FuseMoments:
             else:
                 good[name] = unit
         return good
-
-
-class FuseMomentsUnpacked(FuseMoments):
-    """`fuse-moments` that also fuses variables whose results are returned one buffer each (slower on XLA:CPU;
-    kept to measure and pin that, see the module docstring)."""
-
-    NAME: ClassVar[str] = "fuse-moments-unpacked"
-    unpacked_results: ClassVar[bool] = True
 
 
 def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink], late: list[ir.Operation],
@@ -218,8 +216,12 @@ def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink
                     parts.append(v if fir.shape_of(v) == piece else hlo.reshape(ptype_i, v))
             packed.append(fir.constraint(hlo.ConcatenateOp(parts, dim).result, packing.layout))
             leaves += 1
+    cut: dict[int, list[ir.Value]] = {}
+
     def parts(root: int) -> list[ir.Value]:
-        """The slice of packed node `root` that belongs to each unit, in the packed piece's shape."""
+        """The slice of packed node `root` that belongs to each unit, in the packed piece's shape (made once)."""
+        if root in cut:
+            return cut[root]
         result = fir.constraint(packed[root], packing.layout)
         out, offset = [], 0
         for piece in pieces:
@@ -227,6 +229,7 @@ def _fuse(chunk: list[tuple[Unit, Packing]], ret: ir.Operation, sinks: list[Sink
             start[dim], limit[dim] = offset, offset + piece[dim]
             offset += piece[dim]
             out.append(hlo.slice(result, start, limit, [1] * len(piece)))
+        cut[root] = out
         return out
 
     def reshaped(part: ir.Value, shape: Any) -> ir.Value:

@@ -5,15 +5,18 @@ jax lowers some helpers (`jnp.where`, optax pieces) to private functions; fusion
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir
 
 from shardopt import ir as sir
 from shardopt.compat.jax_private import inline_func_call
+from shardopt.passes.base import ModulePass, PassError
 
 
-class InlineCalls:
+@dataclass(frozen=True)
+class InlineCalls(ModulePass):
     """Replaces each `func.call` with a copy of its callee, until none are left."""
 
     NAME: ClassVar[str] = "inline-calls"
@@ -28,6 +31,8 @@ class InlineCalls:
                 break
             for call in calls:
                 callee = ir.FlatSymbolRefAttr(call.attributes["callee"]).value
+                if callee not in funcs:
+                    raise PassError(f"func.call @{callee}: no func.func @{callee} at the top of the module")
                 with ir.InsertionPoint(call), call.location:
                     results = inline_func_call(funcs[callee], list(call.operands))
                 for old, new in zip(call.results, results, strict=True):

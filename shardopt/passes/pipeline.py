@@ -1,5 +1,8 @@
-"""The pass pipeline: a list of pass names, each run as a Python pass inside MLIR's `PassManager`, with the IR
-and statistics of every stage kept for `inspect`."""
+"""The pass pipeline: passes named in MLIR's textual spelling (`fuse-moments{unpacked=true}`, see spec.py), each
+run as a Python pass inside MLIR's `PassManager`, with the IR and statistics of every stage kept for `inspect`.
+
+Pass modules are imported only when a pipeline names them (registry.py).
+"""
 
 from __future__ import annotations
 
@@ -11,56 +14,49 @@ from jaxlib.mlir import ir, passmanager
 
 from shardopt import ir as sir
 from shardopt.core.records import PipelineResult, Stage
-from shardopt.passes.base import Pass, PassError
-from shardopt.passes.cleanup import Cleanup
-from shardopt.passes.fuse_clipping import FuseClipping
-from shardopt.passes.fuse_moments import FuseMoments, FuseMomentsUnpacked
-from shardopt.passes.inline_calls import InlineCalls
-from shardopt.passes.propagate_layouts import PropagateLayouts
+from shardopt.passes.base import ModulePass, PassError
+from shardopt.passes.registry import REGISTRY, build_pipeline, register
+from shardopt.passes.spec import split_pipeline
 
-REGISTRY: dict[str, type] = {
-    p.NAME: p for p in (PropagateLayouts, InlineCalls, FuseClipping, FuseMoments, FuseMomentsUnpacked, Cleanup)
-}
 # fuse-moments fuses the members of packed state (frontend/packing.py); variables returned in buffers of their own
-# are left alone, because XLA:CPU loses on them (fuse-moments-unpacked measures that; see its module docstring).
-# fuse-moments runs first so that fuse-clipping can take a global norm over a pack's gradient in one reduction.
+# are left alone, because XLA:CPU loses on them (fuse-moments{unpacked=true} measures that; see its module
+# docstring). fuse-moments runs first so that fuse-clipping can take a global norm over a pack's gradient in one
+# reduction.
 DEFAULT_PIPELINE: tuple[str, ...] = ("inline-calls", "propagate-layouts", "fuse-moments", "fuse-clipping", "cleanup")
 
+PipelineSpec = str | Sequence[str | ModulePass]  # "a,b{x=1}", ("a", "b{x=1}") or pass instances
 
-def register(pass_cls: type) -> type:
-    """Adds a pass class to the registry under its NAME (usable as a decorator)."""
-    REGISTRY[pass_cls.NAME] = pass_cls
-    return pass_cls
+__all__ = ["DEFAULT_PIPELINE", "REGISTRY", "PassError", "PipelineResult", "PipelineSpec", "Stage", "build_pipeline",
+           "register", "run_pipeline", "split_pipeline"]
 
 
-def _as_mlir_pass(p: Pass, module: ir.Module, stats: dict[str, Any]):
+def _as_mlir_pass(p: ModulePass, module: ir.Module, stats: dict[str, Any]):
     def run(op: ir.Operation, pass_: Any) -> None:
         stats.update(p.run(module))
 
     return run
 
 
-def run_pipeline(module_text: str, names: Sequence[str] = DEFAULT_PIPELINE, keep_ir: bool = True
-                 ) -> PipelineResult:
-    """Runs the named passes in order on a copy of `module_text`; raises PassError with the pass's message."""
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown:
-        raise PassError(f"unknown pass(es) {unknown}; known: {sorted(REGISTRY)}")
+def run_pipeline(module_text: str, names: PipelineSpec = DEFAULT_PIPELINE, keep_ir: bool = True) -> PipelineResult:
+    """Runs the pipeline's passes in order on a copy of `module_text`; raises PassError with the pass's message.
+
+    `names` is a textual pipeline ("inline-calls,fuse-moments{unpacked=true}"), or a sequence of pass specs and/or
+    pass instances; every spec is parsed (and every named pass imported) before any pass runs.
+    """
+    passes = build_pipeline(names)
     ctx = sir.make_ir_context()
     module = sir.parse(module_text, ctx)
     stages = [Stage("frontend", module_text)]
     with ctx, ir.Location.unknown():
-        for name in names:
-            p = REGISTRY[name]()
+        for k, p in enumerate(passes):
             stats: dict[str, Any] = {}
             pm = passmanager.PassManager("builtin.module")
-            pm.add(_as_mlir_pass(p, module, stats), name=f"shardopt-{name}")
+            pm.add(_as_mlir_pass(p, module, stats), name=f"shardopt-{p.NAME}")
             pm.enable_verifier(True)
             t0 = time.perf_counter()
             pm.run(module.operation)
             elapsed = time.perf_counter() - t0
-            text = module.operation.get_asm(enable_debug_info=False) if keep_ir or name == names[-1] else ""
-            stages.append(Stage(name, text, stats, elapsed))
-        if not keep_ir:
-            stages[-1].text = module.operation.get_asm(enable_debug_info=False)
+            last = k == len(passes) - 1
+            text = module.operation.get_asm(enable_debug_info=False) if keep_ir or last else ""
+            stages.append(Stage(p.NAME, text, stats, elapsed, spec=p.spec()))
     return PipelineResult(stages)

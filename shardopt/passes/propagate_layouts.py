@@ -8,6 +8,7 @@ the dimension and the axis, raised before anything is compiled or donated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jaxlib.mlir import ir
@@ -23,7 +24,7 @@ from shardopt.core.contract import (
     VARIABLE,
 )
 from shardopt.core.layout import layout_problem
-from shardopt.passes.base import PassError
+from shardopt.passes.base import ModulePass, PassError
 
 FOLLOWS_OWNER = (SLOT, GRADIENT_BUFFER)
 REPLICATED_ROLES = (COUNTER, HYPERPARAMETER, GRADIENT_INDICES)
@@ -40,7 +41,8 @@ def check_layout(name: str, shape: list[int], layout: tuple[Any, ...], mesh: dic
         raise PassError(f"{name}: {problem}")
 
 
-class PropagateLayouts:
+@dataclass(frozen=True)
+class PropagateLayouts(ModulePass):
     """Closes every boundary sharding of `@main` from the variables' layouts."""
 
     NAME: ClassVar[str] = "propagate-layouts"

@@ -218,7 +218,8 @@ def save(step: Any, path: str | os.PathLike[str], *, stages: bool = True) -> int
     payloads: dict[str, tuple[bytes, str]] = {EXPORTED: (bytes(step.executable.exported.serialize()), "raw")}
     manifest["stages"] = []
     for i, st in enumerate(step_stages(step)):
-        entry: dict[str, Any] = {"name": st.name, "stats": jsonable(st.stats), "seconds": float(st.seconds)}
+        entry: dict[str, Any] = {"name": st.name, "spec": st.spec, "stats": jsonable(st.stats),
+                                 "seconds": float(st.seconds)}
         if stages and st.text:
             entry["payload"] = f"{STAGE_PREFIX}{i}:{st.name}"
             payloads[entry["payload"]] = (st.text.encode("utf-8"), "zlib")
@@ -336,7 +337,7 @@ def read(path: str | os.PathLike[str], mesh: Mesh | None = None) -> LoadedStep:
         names = tuple(manifest["names"])
         treedef = tree_from_json(manifest["tree"], len(names))
         stages = tuple(Stage(s["name"], payloads[s["payload"]].decode("utf-8") if "payload" in s else "",
-                             dict(s.get("stats", {})), float(s.get("seconds", 0.0)))
+                             dict(s.get("stats", {})), float(s.get("seconds", 0.0)), str(s.get("spec", "")))
                        for s in manifest.get("stages", []))
         return LoadedStep(
             exported=exported, contract=conv, mesh=mesh, treedef=treedef, names=names,

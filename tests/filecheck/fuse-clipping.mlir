@@ -1,11 +1,17 @@
-// Inputs for tests/test_pass_fuse_clipping.py: each chunk between separator lines is run through `fuse-clipping`
-// alone and the concatenated outputs are checked against the CHECK lines of this file.
+// RUN: python -m shardopt.opt -p fuse-clipping %s --split-input-file | filecheck %s
+// RUN: python -m shardopt.opt -p 'fuse-clipping{max-operands=1}' %s --split-input-file | filecheck %s --check-prefix=ONE
+
+// `fuse-clipping`, each chunk between separator lines on its own (tests/test_filecheck.py runs the RUN lines;
+// tests/test_pass_fuse_clipping.py runs the same chunks in-process and checks the statistics and the values).
+// Prefixes: CHECK (defaults), ONE (max-operands=1: a reduction per gradient, so no variadic reduce anywhere).
 
 // Global norm (tf.clip_by_global_norm) over two replicated f32[4,8] gradients, one f32[6] gradient and one
 // f32[4,8] sharded on its minor dim (left alone: its local sums would read across the major dim): the two
 // replicated f32[4,8] share a variadic reduce, the add tree of l2_loss halves becomes one reduction over the
 // stacked partials, and the clip scale is untouched.
 // CHECK-LABEL: module @global_norm
+// ONE-LABEL:   module @global_norm
+// ONE-NOT:     reducer(
 // CHECK:         %[[SQ0:.*]] = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
 // CHECK:         %[[SQ1:.*]] = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
 // CHECK:         %[[BATCH:.*]]:2 = stablehlo.reduce(%[[SQ0]] init: %{{.*}}), (%[[SQ1]] init: %{{.*}}) across dimensions = [0, 1]
@@ -62,6 +68,8 @@ module @global_norm {
 // constraint: one variadic reduce over the unsharded (minor) dim 1, then one reduce per tensor over the sharded
 // dim 0 (XLA turns that into a local reduce plus an all-reduce); each tensor keeps its own norm and clip math.
 // CHECK-LABEL: module @clipnorm_sharded
+// ONE-LABEL:   module @clipnorm_sharded
+// ONE-NOT:     reducer(
 // CHECK:         %[[SQ0:.*]] = stablehlo.multiply %arg0, %arg0
 // CHECK:         %[[SQ1:.*]] = stablehlo.multiply %{{.*}}, %{{.*}} : tensor<16x8xf32>
 // CHECK:         %[[ROWS:.*]]:2 = stablehlo.reduce(%[[SQ0]] init: %{{.*}}), (%[[SQ1]] init: %{{.*}}) across dimensions = [1]

@@ -1,0 +1,44 @@
+// RUN: python -m shardopt.opt -p propagate-layouts %s --split-input-file | filecheck %s
+
+// `propagate-layouts`, each chunk between separator lines on its own (tests/test_filecheck.py runs the RUN
+// lines; tests/test_pass_propagate_layouts.py checks the statistics): every argument and result of @main gets a
+// closed Shardy sharding. Slots and gradients follow their variable (`shardopt.owner`), other arguments without
+// a layout are replicated, and results take the layout of the state they replace.
+
+// w is sharded on dim 0 over "model"; its slot m/w arrives open ({?}) and its gradient without a sharding;
+// b is replicated, its slot has no sharding; the learning rate is a scalar. No result has a sharding.
+// CHECK-LABEL: module @slots_follow_variables
+// CHECK:       func.func public @main(
+// CHECK-SAME:    %arg0: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.name = "w",
+// CHECK-SAME:    %arg1: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.name = "m/w",
+// CHECK-SAME:    %arg2: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.name = "grad/w",
+// CHECK-SAME:    %arg3: tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "b",
+// CHECK-SAME:    %arg4: tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "m/b",
+// CHECK-SAME:    %arg5: tensor<f32> {sdy.sharding = #sdy.sharding<@mesh, []>, shardopt.name = "learning_rate",
+// CHECK-SAME:    -> (tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.name = "w",
+// CHECK-SAME:    tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.name = "m/w",
+// CHECK-SAME:    tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "b",
+// CHECK-SAME:    tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "m/b",
+// CHECK-NOT:   ?}
+// CHECK:         return
+module @slots_follow_variables {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(
+      %arg0: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.name = "w", shardopt.role = "variable"},
+      %arg1: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{?}, {?}]>, shardopt.name = "m/w", shardopt.owner = "w", shardopt.role = "slot", shardopt.slot = "m"},
+      %arg2: tensor<8x4xf32> {shardopt.name = "grad/w", shardopt.owner = "w", shardopt.role = "gradient"},
+      %arg3: tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "b", shardopt.role = "variable"},
+      %arg4: tensor<6xf32> {shardopt.name = "m/b", shardopt.owner = "b", shardopt.role = "slot", shardopt.slot = "m"},
+      %arg5: tensor<f32> {shardopt.name = "learning_rate", shardopt.role = "hyperparameter"})
+      -> (tensor<8x4xf32> {shardopt.name = "w", shardopt.role = "variable"},
+          tensor<8x4xf32> {shardopt.name = "m/w", shardopt.owner = "w", shardopt.role = "slot", shardopt.slot = "m"},
+          tensor<6xf32> {shardopt.name = "b", shardopt.role = "variable"},
+          tensor<6xf32> {shardopt.name = "m/b", shardopt.owner = "b", shardopt.role = "slot", shardopt.slot = "m"}) {
+    %0 = stablehlo.add %arg1, %arg2 : tensor<8x4xf32>
+    %1 = stablehlo.broadcast_in_dim %arg5, dims = [] : (tensor<f32>) -> tensor<8x4xf32>
+    %2 = stablehlo.multiply %1, %0 : tensor<8x4xf32>
+    %3 = stablehlo.subtract %arg0, %2 : tensor<8x4xf32>
+    %4 = stablehlo.add %arg4, %arg3 : tensor<6xf32>
+    return %3, %0, %arg3, %4 : tensor<8x4xf32>, tensor<8x4xf32>, tensor<6xf32>, tensor<6xf32>
+  }
+}
