@@ -80,6 +80,9 @@ class CompiledStep:
         self._accepted: list[Any] = [None] * len(convention.args)  # last sharding found equivalent, per argument
         self._donated_flags = [a.donated for a in convention.args]
         self._risky: list[bool] | None = None  # per argument: its accepted sharding is also a donated argument's
+        # (dtype, shard shape) per argument: two arrays can share a device buffer only when these are equal
+        self._buffer_keys = [(self._dtypes[i], tuple(sh.shard_shape(self._shapes[i])))
+                             for i, sh in enumerate(self.in_shardings)]
         self._last_outputs: list[Any] = []  # kept alive while their ids are in _STEP_OUTPUTS
         self._output_ids: list[int] = []
         weakref.finalize(self, _forget_outputs, self._output_ids)
@@ -139,12 +142,11 @@ class CompiledStep:
         """A new jax.Array can be built over another's device buffers (`jax.make_array_from_single_device_arrays`
         over its shards, a no-copy `device_put`); XLA then reads a donated buffer it is overwriting and the
         process segfaults. Compares the buffer addresses of the suspects with those of every donated argument
-        (of every argument, when a donated one is a suspect)."""
-        specs, donated = self.convention.args, self._donated_flags
-        if any(donated[i] for i in suspects):
-            candidates: Sequence[int] = range(len(out))
-        else:
-            candidates = sorted({*self._donated_list, *suspects})
+        (of every argument, when a donated one is a suspect) of the same dtype and shard shape."""
+        specs, donated, keys = self.convention.args, self._donated_flags, self._buffer_keys
+        wanted = {keys[i] for i in suspects}
+        pool = range(len(out)) if any(donated[i] for i in suspects) else self._donated_list
+        candidates = sorted({*(i for i in pool if keys[i] in wanted), *suspects})
         owner: dict[int, int] = {}
         for i in candidates:
             a = out[i]
