@@ -52,14 +52,36 @@ def parse_mesh(text: str) -> list[tuple[str, int]]:
     return axes
 
 
+# XLA:CPU runs a collective (all-reduce, ...) over the virtual devices of one process as a rendezvous of one
+# thread per device. A thread that waits for the others logs "may be stuck" after
+# xla_cpu_collective_call_warn_stuck_timeout_seconds (default 20) and aborts the process ("Termination timeout for
+# `all reduce` ... of 40 seconds exceeded", SIGABRT) when they have still not all arrived
+# xla_cpu_collective_call_terminate_timeout_seconds (default 40) later. On a loaded machine one device's thread can
+# fall a minute behind without anything being wrong, so shardopt's CLI (and its tests) wait much longer; a real
+# deadlock still ends, after an hour. xla_cpu_collective_timeout_seconds (default 30 min) bounds the other
+# CPU collective implementations (gloo, MPI) and is raised to match.
+COLLECTIVE_TIMEOUT_FLAGS = {
+    "xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+    "xla_cpu_collective_timeout_seconds": 3600,
+}
+
+
+def with_collective_timeouts(flags: str) -> str:
+    """`flags` (an XLA_FLAGS value) plus the generous CPU collective timeouts above, where it does not set them."""
+    extra = [f"--{name}={value}" for name, value in COLLECTIVE_TIMEOUT_FLAGS.items() if name not in flags]
+    return " ".join([flags, *extra]).strip()
+
+
 def ensure_cpu_devices(count: int) -> None:
-    """Asks XLA's CPU client for `count` virtual devices unless XLA_FLAGS already sets a count.
+    """Asks XLA's CPU client for `count` virtual devices unless XLA_FLAGS already sets a count, and for the
+    generous collective timeouts of `COLLECTIVE_TIMEOUT_FLAGS` unless XLA_FLAGS sets them.
 
     Must run before jax starts a backend (the first `jax.devices()`); it has no effect afterwards.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if count > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+        flags = f"{flags} --xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = with_collective_timeouts(flags)
 
 
 def _read_json(path: str, what: str) -> Any:

@@ -2,9 +2,11 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from shardopt.cli import with_collective_timeouts  # standard library only: jax is not imported yet
+
+# 8 virtual devices, and collective timeouts that a loaded CI machine cannot hit (see COLLECTIVE_TIMEOUT_FLAGS).
+os.environ["XLA_FLAGS"] = with_collective_timeouts(
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -59,6 +59,7 @@ class Adam(Optimizer):
         self.epsilon = epsilon
         self.adaptive_epsilon = adaptive_epsilon
         self.amsgrad = amsgrad
+        options.check_adam_hyperparameters(self)
 
     def slot_names(self) -> tuple[str, ...]:
         return ("m", "v", "vhat") if self.amsgrad else ("m", "v")

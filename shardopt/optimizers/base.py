@@ -109,6 +109,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self._traced_update: Callable[..., Any] | None = None  # one jax trace per entry kind (frontend/step.py)
         self._lock = threading.RLock()  # one step (and one build) at a time: a step donates the state it reads
         self._var_avals: list[tuple[tuple[int, ...], np.dtype]] = []  # (shape, dtype) per variable, set by build
+        options.check_hyperparameters(self)
 
     # ----- the definition's math (override) --------------------------------------------------------------
     def update_dense(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array

@@ -13,14 +13,52 @@ from shardopt.core.specs import IndexedSlices
 from shardopt.optimizers.variables import Variable
 
 
-def gradient_array(grad: Any, var: Variable) -> jax.Array:
+def _not_an_array(grad: Any, var: Variable, what: str = "gradient") -> TypeError:
+    return TypeError(f"{what} for {var.name!r} must be an array (or None, or shardopt.IndexedSlices), got "
+                     f"{type(grad).__name__}")
+
+
+def gradient_array(grad: Any, var: Variable, what: str = "gradient") -> jax.Array:
     """`grad` as a jax array of the variable's dtype. The dtype checked is the one `grad` arrives with: without
-    jax x64, `jnp.asarray` would silently narrow a numpy float64 gradient for a float32 variable."""
-    dtype = np.dtype(grad.dtype) if hasattr(grad, "dtype") else None
-    g = grad if isinstance(grad, jax.Array) else jnp.asarray(grad)
-    if (dtype or g.dtype) != var.dtype:
-        raise TypeError(f"gradient for {var.name!r} has dtype {dtype or g.dtype}, the variable {var.dtype}")
+    jax x64, `jnp.asarray` would silently narrow a numpy float64 gradient for a float32 variable. Anything that
+    is not numeric (a string, dict, object, None inside IndexedSlices) is a TypeError naming the variable."""
+    if grad is None or isinstance(grad, (str, bytes, dict, set, frozenset)):
+        raise _not_an_array(grad, var, what)
+    try:
+        dtype = np.dtype(grad.dtype) if hasattr(grad, "dtype") else None
+    except TypeError:
+        raise _not_an_array(grad, var, what) from None
+    if dtype is not None and dtype != var.dtype:
+        raise TypeError(f"{what} for {var.name!r} has dtype {dtype}, the variable {var.dtype}")
+    if isinstance(grad, jax.Array):
+        return grad
+    try:
+        g = jnp.asarray(grad)
+    except (TypeError, ValueError):
+        raise _not_an_array(grad, var, what) from None
+    if g.dtype != var.dtype:
+        raise TypeError(f"{what} for {var.name!r} has dtype {g.dtype}, the variable {var.dtype}")
     return g
+
+
+def _sparse_indices(indices: Any, var: Variable) -> jax.Array:
+    """The row indices of an IndexedSlices for `var`, range-checked in their own dtype *before* any conversion:
+    without jax x64, int64/uint64 indices become int32 and out-of-range ones would wrap onto real rows."""
+    where = f"IndexedSlices for {var.name!r}"
+    if indices is None or isinstance(indices, (str, bytes, dict, set, frozenset)):
+        raise TypeError(f"{where}: indices must be a 1-D integer array, got {type(indices).__name__}")
+    if not isinstance(indices, jax.Array):
+        try:
+            indices = np.asarray(indices)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: indices must be a 1-D integer array, got {type(indices).__name__}") from None
+    if indices.ndim != 1 or not np.issubdtype(np.dtype(indices.dtype), np.integer):
+        raise TypeError(f"{where}: indices must be a 1-D integer array")
+    if indices.size:
+        lo, hi = int(indices.min()), int(indices.max())  # Python ints: exact for int64 and uint64
+        if lo < 0 or hi >= var.shape[0]:
+            raise ValueError(f"{where}: indices must be in [0, {var.shape[0]}), got [{lo}, {hi}]")
+    return indices if isinstance(indices, jax.Array) else jnp.asarray(indices)
 
 
 def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str | None = None
@@ -31,19 +69,21 @@ def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str |
     layout = var.layout.to_partition_spec()
     lay = tuple(layout) + (None,) * (len(var.shape) - len(layout))
     if isinstance(grad, IndexedSlices):
-        values = gradient_array(grad.values, var)
-        indices = jnp.asarray(grad.indices)
-        if grad.dense_shape is not None and tuple(np.asarray(grad.dense_shape).tolist()) != var.shape:
-            raise ValueError(f"IndexedSlices for {var.name!r} has dense_shape {tuple(np.asarray(grad.dense_shape))}"
-                             f", the variable has shape {var.shape}")
-        if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
-            raise TypeError(f"IndexedSlices for {var.name!r}: indices must be a 1-D integer array")
+        values = gradient_array(grad.values, var, "IndexedSlices values")
+        if grad.dense_shape is not None:
+            try:
+                dense_shape = tuple(np.asarray(grad.dense_shape).tolist())
+            except (TypeError, ValueError):
+                dense_shape = None
+            if dense_shape != var.shape:
+                raise ValueError(f"IndexedSlices for {var.name!r} has dense_shape {grad.dense_shape!r}, the "
+                                 f"variable has shape {var.shape}")
+        if not var.shape:
+            raise ValueError(f"IndexedSlices for {var.name!r}: a scalar variable has no rows to index")
+        indices = _sparse_indices(grad.indices, var)
         if values.shape != (indices.shape[0], *var.shape[1:]):
             raise ValueError(f"IndexedSlices for {var.name!r}: values of shape {values.shape} do not match "
                              f"{indices.shape[0]} rows of a variable of shape {var.shape}")
-        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= var.shape[0]):
-            raise ValueError(f"IndexedSlices for {var.name!r}: indices must be in [0, {var.shape[0]}), got "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
         entry = StepEntry(name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
                           index_dtype=str(indices.dtype))
         return entry, [values, indices]

@@ -8,6 +8,7 @@ and sharding *before* the call, because a donated buffer is gone once the execut
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,20 @@ from shardopt.compat.jax_private import exported_with_module, serialize_portable
 from shardopt.core.contract import StepContract, TensorSpec
 from shardopt.core.errors import StepInputError
 from shardopt.core.layout import same_mesh
+
+# The ids of the arrays each compiled step returned from its last call, which it keeps alive (so an id here
+# is never another object's): XLA gave each its own buffers (or a donated input's, in place), so none shares a
+# buffer with another live array unless someone built a new array over them, and that one is not in here.
+_STEP_OUTPUTS: set[int] = set()
+
+
+def _forget_outputs(ids: list[int]) -> None:
+    _STEP_OUTPUTS.difference_update(ids)
+
+
+def buffer_pointers(a: jax.Array) -> list[int]:
+    """The device buffers under `a`, one address per addressable shard."""
+    return [s.data.unsafe_buffer_pointer() for s in a.addressable_shards]
 
 
 @functools.cache
@@ -60,6 +75,14 @@ class CompiledStep:
         self._dtypes = [np.dtype(a.dtype) for a in contract.args]
         self._shapes = [tuple(a.shape) for a in contract.args]
         self._accepted: list[Any] = [None] * len(contract.args)  # last sharding found equivalent, per argument
+        self._donated_flags = [a.donated for a in contract.args]
+        self._risky: list[bool] | None = None  # per argument: its accepted sharding is also a donated argument's
+        # (dtype, shard shape) per argument: two arrays can share a device buffer only when these are equal
+        self._buffer_keys = [(self._dtypes[i], tuple(sh.shard_shape(self._shapes[i])))
+                             for i, sh in enumerate(self.in_shardings)]
+        self._last_outputs: list[Any] = []  # kept alive while their ids are in _STEP_OUTPUTS
+        self._output_ids: list[int] = []
+        weakref.finalize(self, _forget_outputs, self._output_ids)
         self._fn = jax.jit(exported.call, donate_argnums=contract.donated_argnums())
 
     @classmethod
@@ -88,21 +111,56 @@ class CompiledStep:
         if len(args) != len(specs):
             raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
         out = list(args)
-        accepted, shapes, dtypes = self._accepted, self._shapes, self._dtypes
+        accepted, shapes, dtypes, donated = self._accepted, self._shapes, self._dtypes, self._donated_flags
+        if self._risky is None:
+            shared = {id(accepted[i]) for i in self._donated_list if accepted[i] is not None}
+            self._risky = [not d and id(s) in shared for d, s in zip(donated, accepted, strict=True)]
+        risky, outputs = self._risky, _STEP_OUTPUTS
         exact = array_type()
+        suspects = []  # arguments whose buffers may be another argument's: compared by address below
         for i, a in enumerate(args):
             if type(a) is exact:
                 aval = a.aval
                 if (aval.shape == shapes[i] and aval.dtype == dtypes[i] and not a.is_deleted()
                         and a.sharding is accepted[i]):
-                    continue  # the common case: what was accepted for this argument last time
+                    # the common case: what was accepted for this argument last time; a donated array a step
+                    # returned and a non-donated one on a sharding no donated argument has need no more checks
+                    if (id(a) not in outputs) if donated[i] else risky[i]:
+                        suspects.append(i)
+                    continue
             out[i] = self._check(i, a)
+            if out[i] is a:  # the caller's own jax.Array, passed on as it is
+                suspects.append(i)
         uses = Counter(map(id, out))  # a donated array passed twice would be read after XLA reused its buffer
         twice = [specs[i].name for i in self._donated_list if uses[id(out[i])] > 1]
         if twice:
             raise StepInputError(f"the same array is passed as a donated input and as another input: {twice}; "
                                  "pass a copy")
+        if suspects:
+            self._check_buffers(out, suspects)
         return out
+
+    def _check_buffers(self, out: list[Any], suspects: list[int]) -> None:
+        """A new jax.Array can be built over another's device buffers (`jax.make_array_from_single_device_arrays`
+        over its shards, a no-copy `device_put`); XLA then reads a donated buffer it is overwriting and the
+        process segfaults. Compares the buffer addresses of the suspects with those of every donated argument
+        (of every argument, when a donated one is a suspect) of the same dtype and shard shape."""
+        specs, donated, keys = self.contract.args, self._donated_flags, self._buffer_keys
+        wanted = {keys[i] for i in suspects}
+        pool = range(len(out)) if any(donated[i] for i in suspects) else self._donated_list
+        candidates = sorted({*(i for i in pool if keys[i] in wanted), *suspects})
+        owner: dict[int, int] = {}
+        for i in candidates:
+            a = out[i]
+            if not isinstance(a, jax.Array):
+                continue
+            for pointer in buffer_pointers(a):
+                j = owner.setdefault(pointer, i)
+                if j != i and (donated[i] or donated[j]):
+                    first, second = (j, i) if donated[j] else (i, j)
+                    raise StepInputError(
+                        f"{specs[second].name} shares a device buffer with the donated input {specs[first].name} "
+                        f"(an array built over its shards?); XLA would overwrite it while reading it: pass a copy")
 
     def _check(self, i: int, a: Any) -> Any:
         """The full check of argument `i`: the array to pass, or a StepInputError that names it."""
@@ -119,14 +177,22 @@ class CompiledStep:
             raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
         sharding = a.sharding
         if sharding is self._accepted[i] or sharding == want or sharding.is_equivalent_to(want, len(spec.shape)):
-            self._accepted[i] = sharding  # remember it: the next call with this sharding object takes the fast path
+            if sharding is not self._accepted[i]:
+                self._accepted[i] = sharding  # the next call with this sharding object takes the fast path
+                self._risky = None
             return a
         if spec.donated:
             raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got {sharding}")
         return jax.device_put(a, want)
 
     def __call__(self, args: Sequence[Any]) -> list[jax.Array]:
-        return list(self._fn(*self.validate(args)))
+        outs = list(self._fn(*self.validate(args)))
+        ids = self._output_ids
+        _STEP_OUTPUTS.difference_update(ids)
+        ids[:] = map(id, outs)
+        _STEP_OUTPUTS.update(ids)
+        self._last_outputs = outs
+        return outs
 
     def call_unchecked(self, args: Sequence[jax.Array]) -> list[jax.Array]:
         """The compiled executable alone (what the dispatch benchmark compares against)."""
