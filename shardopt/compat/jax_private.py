@@ -62,3 +62,14 @@ def inline_func_call(callee: ir.Operation, operands: list[ir.Value]) -> list[ir.
     from jaxlib.mlir._mlir_libs import _jax_mlir_ext
 
     return list(_jax_mlir_ext.inlined_func_call(callee, operands))
+
+
+def distributed_client() -> Any:
+    """The `DistributedRuntimeClient` of `jax.distributed.initialize` (None before it / after shutdown).
+
+    Its key-value store (`key_value_set(key, value, allow_overwrite)`, `key_value_dir_get(prefix)`,
+    `blocking_key_value_get(key, timeout_in_ms)`) is what shardopt.distributed's watchdog beats through.
+    """
+    from jax._src import distributed as _jax_distributed
+
+    return _jax_distributed.global_state.client
