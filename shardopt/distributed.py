@@ -22,7 +22,8 @@ convert, and the process terminates with `std::bad_cast` instead.
 
 Limits: the process that hosts the coordination service (process 0 under `jax.distributed.initialize`) is
 special: when it dies, jaxlib's error-polling RPC fails at once and the survivors abort inside jaxlib before
-any Python code can run. Losing any other process is caught.
+any Python code can run. Losing any other process is caught. `external_service=True` with `serve` running in
+a process of its own removes that exception: then process 0 is a peer like the others.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
                heartbeat_interval_s: float | None = None, on_peer_lost: Callable[[PeerLostError], Any] | None = None,
                raise_in_main_thread: bool = True, exit_if_blocked_s: float | None = None,
                blocked_exit_code: int = 75, coordinator_bind_address: str | None = None,
-               initialization_timeout: int = 300, shutdown_timeout_s: int = 30, **jax_kwargs: Any) -> Watchdog:
+               initialization_timeout: int = 300, shutdown_timeout_s: int = 30, external_service: bool = False,
+               **jax_kwargs: Any) -> Watchdog:
     """`jax.distributed.initialize` plus a peer watchdog: a peer silent for `peer_timeout_s` raises
     `PeerLostError` in the main thread of every survivor (see the module docstring for what is and is not
     caught). Returns the Watchdog (`.lost`, `.error`, `.check()`); `shutdown()` stops it and the job.
@@ -208,6 +210,10 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
     is blocked inside XLA; `exit_if_blocked_s`: when the main thread has not taken the error (run Python) that
     many seconds after the loss, the process exits with `blocked_exit_code` (default 75, EX_TEMPFAIL) instead
     of hanging in a collective that waits for the dead peer (off by default).
+
+    `external_service=True`: no process of the job hosts jax's coordination service; it runs in a process of
+    its own (`python -m shardopt.distributed serve ADDRESS NUM_PROCESSES --peer-timeout-s T`, see `serve`), so
+    the death of process 0 is caught like any other's (with the service inside process 0 the survivors abort).
 
     `coordinator_bind_address` defaults to `coordinator_address` (jax's default binds every interface).
     jax's own heartbeat timeout is set to twice `peer_timeout_s` (at least 10 s): it stays a backstop that
@@ -222,14 +228,44 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
     if not 0 < interval < peer_timeout_s:
         raise ValueError(f"heartbeat_interval_s must be in (0, peer_timeout_s={peer_timeout_s}), got {interval}")
     jax.config.update("jax_enable_recoverability", True)
-    jax_kwargs.setdefault("heartbeat_timeout_seconds", max(10, math.ceil(2 * peer_timeout_s)))
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               coordinator_bind_address=coordinator_bind_address or coordinator_address,
-                               initialization_timeout=initialization_timeout,
-                               shutdown_timeout_seconds=shutdown_timeout_s, **jax_kwargs)
+    jax_kwargs.setdefault("heartbeat_timeout_seconds", jax_heartbeat_timeout_s(peer_timeout_s))
+    if external_service:
+        if coordinator_bind_address is not None or set(jax_kwargs) - {"heartbeat_timeout_seconds"}:
+            raise ValueError("external_service=True: the service's options belong to `serve`; got "
+                             f"{sorted({*jax_kwargs, 'coordinator_bind_address'} - {'heartbeat_timeout_seconds'})}")
+        jax_private.connect_distributed_client(coordinator_address, num_processes, process_id,
+                                               initialization_timeout=initialization_timeout,
+                                               heartbeat_timeout=jax_kwargs["heartbeat_timeout_seconds"],
+                                               shutdown_timeout=shutdown_timeout_s)
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   coordinator_bind_address=coordinator_bind_address or coordinator_address,
+                                   initialization_timeout=initialization_timeout,
+                                   shutdown_timeout_seconds=shutdown_timeout_s, **jax_kwargs)
     _watchdog = Watchdog(process_id, num_processes, peer_timeout_s, interval, on_peer_lost, raise_in_main_thread,
                          exit_if_blocked_s, blocked_exit_code)
     return _watchdog
+
+
+def jax_heartbeat_timeout_s(peer_timeout_s: float) -> int:
+    """jax's own heartbeat timeout for a given peer timeout: a backstop that fires after the watchdog."""
+    return max(10, math.ceil(2 * peer_timeout_s))
+
+
+def serve(bind_address: str, num_processes: int, *, peer_timeout_s: float = 60.0, shutdown_timeout_s: int = 30,
+          lifetime_s: float | None = None) -> None:
+    """Hosts jax's coordination service for a job whose processes call `initialize(..., external_service=True)`
+    with the same `peer_timeout_s`; runs until SIGTERM/SIGINT or `lifetime_s`. Run it beside the job (a
+    sidecar, the launcher's own process), not inside a training process."""
+    service = jax_private.start_distributed_service(bind_address, num_processes,
+                                                    heartbeat_timeout=jax_heartbeat_timeout_s(peer_timeout_s),
+                                                    shutdown_timeout=shutdown_timeout_s, recoverable=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"shardopt.distributed: coordination service for {num_processes} processes on {bind_address}", flush=True)
+    stop.wait(lifetime_s)
+    service.shutdown()
 
 
 def watchdog() -> Watchdog | None:
@@ -244,3 +280,22 @@ def shutdown() -> None:
         _watchdog.stop()
         _watchdog = None
     jax.distributed.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m shardopt.distributed", description="jax's coordination service "
+                                 "on its own, for a job started with initialize(..., external_service=True)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sv = sub.add_parser("serve")
+    sv.add_argument("bind_address")
+    sv.add_argument("num_processes", type=int)
+    sv.add_argument("--peer-timeout-s", type=float, default=60.0)
+    sv.add_argument("--lifetime-s", type=float, default=None)
+    args = ap.parse_args(argv)
+    serve(args.bind_address, args.num_processes, peer_timeout_s=args.peer_timeout_s, lifetime_s=args.lifetime_s)
+
+
+if __name__ == "__main__":
+    main()

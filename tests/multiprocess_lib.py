@@ -7,6 +7,7 @@ their XLA_FLAGS are rebuilt with their own device count, and they use gloo for c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -63,13 +64,14 @@ class ProcResult:
 
 def launch(args: Sequence[str], workdir: Path, *, num_processes: int = 2, devices_per_process: int = 4,
            timeout_s: float = DEFAULT_TIMEOUT_S, env: dict[str, str] | None = None,
-           monitor: Callable[[list[subprocess.Popen]], None] | None = None) -> list[ProcResult]:
+           monitor: Callable[[list[subprocess.Popen]], None] | None = None,
+           coordinator: str | None = None) -> list[ProcResult]:
     """Runs `python *args` once per process (ids 0..num_processes-1) and waits for all of them, at most
     `timeout_s` in all; any still running then is killed. `monitor(procs)` is called about every 50 ms while
     they run (the fault tests kill a peer from there). Output goes to files, so a chatty child cannot block."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    coordinator = f"127.0.0.1:{free_port()}"
+    coordinator = coordinator or f"127.0.0.1:{free_port()}"
     procs: list[subprocess.Popen] = []
     files = []
     deadline = time.monotonic() + timeout_s
@@ -108,6 +110,27 @@ def launch(args: Sequence[str], workdir: Path, *, num_processes: int = 2, device
             out.close()
             err.close()
     return results
+
+
+@contextlib.contextmanager
+def coordination_service(workdir: Path, num_processes: int = 2, peer_timeout_s: float = 60.0,
+                         lifetime_s: float = DEFAULT_TIMEOUT_S):
+    """`python -m shardopt.distributed serve` in a process of its own, on a free loopback port; yields its
+    address (for launch(coordinator=...), with SHARDOPT_MP_EXTERNAL_SERVICE=1 for the workers). It stops by
+    itself after `lifetime_s` and is killed on leaving the block."""
+    address = f"127.0.0.1:{free_port()}"
+    log = open(Path(workdir) / "service.txt", "w+b")  # closed in the finally
+    proc = subprocess.Popen([sys.executable, "-m", "shardopt.distributed", "serve", address, str(num_processes),
+                             "--peer-timeout-s", str(peer_timeout_s), "--lifetime-s", str(lifetime_s)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=child_env(0, num_processes, address, 1), start_new_session=True)
+    try:
+        yield address
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
 
 
 def describe(results: Sequence[ProcResult]) -> str:

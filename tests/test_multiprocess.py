@@ -6,6 +6,7 @@ saves its own shards and exits by itself.
 
 All of it runs on one xdist worker (group "multiprocess"); each launch is bounded and kills its children."""
 
+import contextlib
 import json
 import os
 import signal
@@ -88,7 +89,7 @@ PEER_TIMEOUT_S = 3.0
 SLACK_S = 3.0  # heartbeat interval (0.5 s), the survivor's step, scheduling on 2 shared cores
 
 
-def run_fault(tmp_path, grads, sig, victim=1):
+def run_fault(tmp_path, grads, sig, victim=1, external_service=False):
     """Both processes step; once both have done 20 steps the victim gets `sig`; returns the results, the kill
     time and the survivor's record. A stopped victim is killed once the survivor has exited."""
     survivor = 1 - victim
@@ -101,8 +102,12 @@ def run_fault(tmp_path, grads, sig, victim=1):
         if killed and procs[survivor].poll() is not None and procs[victim].poll() is None:
             os.kill(procs[victim].pid, signal.SIGKILL)
 
-    results = mpl.launch([FAULT_WORKER, str(tmp_path), grads, str(PEER_TIMEOUT_S)], tmp_path, monitor=monitor,
-                         timeout_s=100)
+    with contextlib.ExitStack() as stack:
+        coordinator = (stack.enter_context(mpl.coordination_service(tmp_path, 2, PEER_TIMEOUT_S))
+                       if external_service else None)
+        results = mpl.launch([FAULT_WORKER, str(tmp_path), grads, str(PEER_TIMEOUT_S)], tmp_path, monitor=monitor,
+                             timeout_s=100, coordinator=coordinator,
+                             env={"SHARDOPT_MP_EXTERNAL_SERVICE": "1" if external_service else "0"})
     assert killed, f"the processes never both reached step 20\n{mpl.describe(results)}"
     rec = tmp_path / f"fault.p{survivor}.json"
     return results, killed["at"], (json.loads(rec.read_text()) if rec.exists() else None)
@@ -150,6 +155,17 @@ def test_lost_coordinator_process_raises_in_the_survivor(tmp_path):
     results, killed_at, rec = run_fault(tmp_path, "placed", signal.SIGKILL, victim=0)
     assert results[1].returncode == 0 and rec is not None and rec["error_type"] == "PeerLostError", \
         mpl.describe(results)
+
+
+def test_lost_process_0_with_an_external_service_raises_in_the_survivor(tmp_path):
+    """With the coordination service in a process of its own (`python -m shardopt.distributed serve`),
+    process 0 is a peer like any other: killing it raises PeerLostError in process 1, which saves and exits."""
+    results, killed_at, rec = run_fault(tmp_path, "placed", signal.SIGKILL, victim=0, external_service=True)
+    assert results[1].returncode == 0 and rec is not None, mpl.describe(results)
+    assert rec["error_type"] == "PeerLostError" and "peer process(es) 0 lost" in rec["error"], rec
+    assert rec["error_at"] - killed_at < PEER_TIMEOUT_S + SLACK_S, rec
+    assert rec["alive_at"] - killed_at > PEER_TIMEOUT_S and "shutdown_at" in rec, rec
+    assert (tmp_path / "checkpoint.p1.npz").exists()
 
 
 def test_distributed_client_accessor():

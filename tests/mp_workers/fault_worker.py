@@ -38,6 +38,7 @@ def main() -> int:
     wd = distributed.initialize(os.environ["SHARDOPT_MP_COORDINATOR"], int(os.environ["SHARDOPT_MP_NUM_PROCESSES"]),
                                 pid, peer_timeout_s=peer_timeout_s, heartbeat_interval_s=min(0.5, peer_timeout_s / 4),
                                 on_peer_lost=on_peer_lost, exit_if_blocked_s=EXIT_IF_BLOCKED_S,
+                                external_service=os.environ.get("SHARDOPT_MP_EXTERNAL_SERVICE") == "1",
                                 initialization_timeout=60)
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
     step = scenarios.compile_step(mesh)
