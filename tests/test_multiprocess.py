@@ -178,3 +178,101 @@ def test_distributed_client_accessor():
     assert jax_private.distributed_client() is None
     for name in ("key_value_set", "key_value_dir_get", "blocking_key_value_get"):
         assert hasattr(_jax.DistributedRuntimeClient, name)
+
+
+# --- the watchdog's logic, against an in-memory key-value store (no processes) -------------------------------
+
+
+class FakeClient:
+    """The slice of jax's DistributedRuntimeClient the watchdog uses; `fail` makes it unreachable."""
+
+    def __init__(self):
+        self.store, self.fail = {}, False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.fail:
+            raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+        self.store[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.fail:
+            raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+        return [(k, v) for k, v in self.store.items() if k.startswith(prefix)]
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    from shardopt.compat import jax_private
+
+    client = FakeClient()
+    monkeypatch.setattr(jax_private, "distributed_client", lambda: client)
+    return client
+
+
+def spin(seconds):
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        time.sleep(0.01)
+
+
+def make_watchdog(**kw):
+    from shardopt import distributed
+
+    kw = {"on_peer_lost": None, "raise_in_main_thread": True, **kw}
+    return distributed.Watchdog(0, 2, peer_timeout_s=0.4, heartbeat_interval_s=0.05, **kw)
+
+
+def test_watchdog_raises_peer_lost_in_the_main_thread_within_the_bound(fake_client):
+    from shardopt.distributed import PREFIX, PeerLostError
+
+    fake_client.store[f"{PREFIX}1"] = "1"  # the peer beat once, then went silent
+    seen = []
+    wd = make_watchdog(on_peer_lost=seen.append)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(PeerLostError) as e:
+            spin(5)
+        assert e.value.lost == (1,) and time.monotonic() - t0 < 2.0
+        assert seen == [wd.error] and wd.lost.is_set() and wd.delivered.is_set()
+        with pytest.raises(PeerLostError):
+            wd.check()
+    finally:
+        wd.stop()
+
+
+def test_watchdog_deferred_raises_after_the_block_and_disarm_not_at_all(fake_client):
+    from shardopt.distributed import PeerLostError
+
+    wd = make_watchdog()
+    try:
+        reached = False
+        with pytest.raises(PeerLostError):
+            with wd.deferred():
+                spin(1.5)  # the loss is detected at about 0.4 s, inside the block
+                reached = True
+        assert reached  # the block (a step and the assignment of its results) ran to its end
+    finally:
+        wd.stop()
+    wd = make_watchdog()
+    try:
+        wd.disarm()
+        spin(1.0)
+        assert wd.lost.is_set()  # known, but not raised
+    finally:
+        wd.stop()
+
+
+def test_watchdog_ignores_a_peer_that_finished_and_flags_an_unreachable_coordinator(fake_client):
+    from shardopt.distributed import DONE, PREFIX, PeerLostError
+
+    fake_client.store[f"{PREFIX}1"] = DONE
+    wd = make_watchdog()
+    try:
+        spin(1.0)
+        assert not wd.lost.is_set()
+        fake_client.fail = True
+        with pytest.raises(PeerLostError, match="coordination service stopped answering") as e:
+            spin(3)
+        assert e.value.lost == (0,)
+    finally:
+        wd.stop()
