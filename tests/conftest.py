@@ -28,7 +28,10 @@ def mesh8():
 
 
 def pytest_collection_modifyitems(config, items):
-    """All TensorFlow tests share one xdist worker (with --dist loadgroup), so TF is imported once per run."""
+    """All TensorFlow tests share one xdist worker (with --dist loadgroup), so TF is imported once per run; the
+    multi-process tests share another, so their launches never overlap (each starts 2 processes)."""
     for item in items:
         if item.get_closest_marker("tf") is not None:
             item.add_marker(pytest.mark.xdist_group("tf"))
+        if item.get_closest_marker("multiprocess") is not None:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))

@@ -62,3 +62,45 @@ def inline_func_call(callee: ir.Operation, operands: list[ir.Value]) -> list[ir.
     from jaxlib.mlir._mlir_libs import _jax_mlir_ext
 
     return list(_jax_mlir_ext.inlined_func_call(callee, operands))
+
+
+def distributed_client() -> Any:
+    """The `DistributedRuntimeClient` of `jax.distributed.initialize` (None before it / after shutdown).
+
+    Its key-value store (`key_value_set(key, value, allow_overwrite)`, `key_value_dir_get(prefix)`,
+    `blocking_key_value_get(key, timeout_in_ms)`) is what shardopt.distributed's watchdog beats through.
+    """
+    from jax._src import distributed as _jax_distributed
+
+    return _jax_distributed.global_state.client
+
+
+def connect_distributed_client(coordinator_address: str, num_processes: int, process_id: int, *,
+                               initialization_timeout: int, heartbeat_timeout: int, shutdown_timeout: int) -> None:
+    """What `jax.distributed.initialize` does in a process, except that no process starts the coordination
+    service: it runs elsewhere (`start_distributed_service` in a process of its own), so the death of any
+    training process leaves the service, and the survivors' connection to it, intact."""
+    from jax._src import distributed as _jax_distributed
+    from jax._src.lib import _jax
+
+    state = _jax_distributed.global_state
+    if state.client is not None:
+        raise RuntimeError("jax.distributed is already initialized in this process")
+    state.coordinator_address = coordinator_address
+    state.process_id = process_id
+    state.num_processes = num_processes
+    state.client = _jax.get_distributed_runtime_client(
+        coordinator_address, process_id, init_timeout=initialization_timeout, use_compression=True,
+        heartbeat_timeout=heartbeat_timeout, shutdown_timeout=shutdown_timeout)
+    state.client.connect()
+    state.initialize_preemption_sync_manager()
+
+
+def start_distributed_service(bind_address: str, num_processes: int, *, heartbeat_timeout: int,
+                              shutdown_timeout: int, recoverable: bool = True) -> Any:
+    """jax's coordination service (what process 0 of `jax.distributed.initialize` hosts), started on its own.
+    Keep the returned object alive; `.shutdown()` stops it."""
+    from jax._src.lib import _jax
+
+    return _jax.get_distributed_runtime_service(bind_address, num_processes, heartbeat_timeout=heartbeat_timeout,
+                                                shutdown_timeout=shutdown_timeout, recoverable=recoverable)
