@@ -381,3 +381,38 @@ def test_build_without_compiler_warns_and_succeeds(tmp_path, env):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "WARNING: shardopt's compiled update kernels were not built" in proc.stderr, proc.stderr[-2000:]
     assert not list((src / "shardopt" / "kernels").glob("libshardopt_kernels*"))
+
+
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "weight_decay": 0.01, "clip_scale": True}])
+def test_pass_side_custom_call_has_jax_attributes(options):
+    """`kernels.stablehlo.custom_call` builds the op `jax.ffi.ffi_call` lowers to (attribute for attribute)."""
+    from jaxlib.mlir import ir
+
+    from shardopt import ir as sir
+    from shardopt.kernels.stablehlo import custom_call
+
+    amsgrad, wd, clip = options.get("amsgrad", False), options.get("weight_decay"), options.get("clip_scale")
+    x, g = jnp.zeros(96, jnp.float32), jnp.zeros((8, 8), jnp.float32)
+
+    def f(p, m, v, vh, g, lr):
+        return kernels.adam_update(p, m, v, [g, p[:32]], alpha=lr, eps=lr, beta_1=0.9, beta_2=0.999,
+                                   vhat=vh if amsgrad else None, weight_decay=wd, lr=lr,
+                                   clip_scale=lr if clip else None)
+
+    text = jax.jit(f).lower(x, x, x, x, g, jnp.float32(1)).as_text()
+    ctx = sir.make_ir_context()
+    module = sir.parse(text, ctx)
+    with ctx, ir.Location.unknown(ctx):
+        theirs = next(op for op in sir.walk_ops(module.operation) if op.name == "stablehlo.custom_call")
+        with ir.InsertionPoint(theirs):
+            ours = custom_call(kernels.adam_call(beta_1=0.9, beta_2=0.999, amsgrad=amsgrad, weight_decay=wd,
+                                                 clip_scale=bool(clip)), list(theirs.operands))
+        def attrs(op):
+            return {name: str(op.attributes[name]) for name in op.attributes}
+
+        assert attrs(ours) == attrs(theirs)
+        assert [str(r.type) for r in ours.results] == [str(r.type) for r in theirs.results]
+        for a, b in zip(theirs.results, ours.results, strict=True):
+            a.replace_all_uses_with(b)
+        theirs.erase()
+        assert module.operation.verify()

@@ -10,6 +10,8 @@ when a C++ compiler is present (setup.py); a pass asks `available()` and keeps t
 - `available(kernel, dtype, platform)` / `reason(...)`: whether a kernel can be called, and why not.
 - `adam_call(...)` / `sgd_call(...)`: a `KernelCall` (FFI target, attributes, operand order, aliases) for a pass
   that emits `stablehlo.custom_call` itself.
+- `shardopt.kernels.stablehlo.custom_call(call, operands)`: that op built with jaxlib's MLIR bindings, attribute
+  for attribute what `jax.ffi.ffi_call` lowers to.
 - `adam_update(...)` / `sgd_update(...)`: jax functions on `jax.ffi.ffi_call` (tests, benchmarks, embedding).
 """
 
