@@ -77,7 +77,7 @@ kernels = Extension(
     language="c++",
     # -ffp-contract=off: the source writes every fused multiply-add XLA:CPU would make (update_loops.inc);
     # -fno-math-errno lets std::sqrt vectorize (2x); the AVX2+FMA loops are chosen at run time by a CPU check,
-    # so the library runs on any x86-64.
+    # so the library runs on any x86-64 (measured: as fast as -march=native, benchmarks/README.md).
     extra_compile_args=["-std=c++17", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden",
                         "-fPIC", "-DNDEBUG", "-g0"],
     extra_link_args=["-g0"],
