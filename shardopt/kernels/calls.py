@@ -1,0 +1,145 @@
+"""Operand layouts of the kernels' custom calls, and jax functions calling them through `jax.ffi.ffi_call`.
+
+Both kernels take the packed state first, then rank-0 float32 runtime scalars, then the K gradient buffers
+whose flattened concatenation is the packed gradient; results alias the state operands:
+
+    shardopt_adam_update(p, m, v, [vhat], alpha, eps, [lr], [scale], g_0 .. g_K-1) -> (p, m, v, [vhat])
+    shardopt_sgd_update(p, m, lr, [scale], g_0 .. g_K-1) -> (p, m)
+
+`lr` is present for Adam only with weight decay. Attributes hold what is constant for a module: float32(1 -
+beta), as XLA folds `jnp.asarray(1 - beta, float32)`; float32(weight_decay); the flags. State is float32 or
+bfloat16 (float32 math, one rounding when stored); gradients all float32 or all bfloat16.
+
+Numerics match shardopt's StableHLO update (frontend/step.py `_update_entry`, frontend/adam.py) as XLA:CPU
+compiles it: bitwise for float32 and bfloat16 (see tests/test_kernels.py). The clip scale is what multiplies
+the gradient: `scale.astype(g.dtype)` in clipping.py, which XLA then multiplies in float32; `clip_scale_operand`
+gives that value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ADAM_TARGET = "shardopt_adam_update"
+SGD_TARGET = "shardopt_sgd_update"
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One custom call: its FFI target, attributes, the operands before the gradients, results and aliases."""
+
+    target: str
+    attributes: dict[str, Any]
+    operands: tuple[str, ...]  # named operands, in order; the gradients follow them
+    results: tuple[str, ...]
+
+    @property
+    def aliases(self) -> dict[int, int]:
+        """operand index -> result index (input_output_aliases / output_operand_aliases)."""
+        return {self.operands.index(r): i for i, r in enumerate(self.results)}
+
+
+def adam_call(*, beta_1: float, beta_2: float, amsgrad: bool = False, weight_decay: float | None = None,
+              clip_scale: bool = False) -> KernelCall:
+    """The Adam/AdamW call for these options (the optimizer's python floats, rounded as shardopt rounds them)."""
+    operands = ("p", "m", "v") + (("vhat",) if amsgrad else ()) + ("alpha", "eps")
+    operands += (("lr",) if weight_decay is not None else ()) + (("scale",) if clip_scale else ())
+    attributes = {
+        "one_minus_beta_1": np.float32(1 - beta_1),
+        "one_minus_beta_2": np.float32(1 - beta_2),
+        "amsgrad": bool(amsgrad),
+        "has_weight_decay": weight_decay is not None,
+        "weight_decay": np.float32(0.0 if weight_decay is None else weight_decay),
+        "has_scale": bool(clip_scale),
+    }
+    results = ("p", "m", "v") + (("vhat",) if amsgrad else ())
+    return KernelCall(ADAM_TARGET, attributes, operands, results)
+
+
+def sgd_call(*, momentum: float, nesterov: bool = False, weight_decay: float | None = None,
+             clip_scale: bool = False) -> KernelCall:
+    """The SGD-with-momentum call for these options."""
+    operands = ("p", "m", "lr") + (("scale",) if clip_scale else ())
+    attributes = {
+        "momentum": np.float32(momentum),
+        "nesterov": bool(nesterov),
+        "has_weight_decay": weight_decay is not None,
+        "weight_decay": np.float32(0.0 if weight_decay is None else weight_decay),
+        "has_scale": bool(clip_scale),
+    }
+    return KernelCall(SGD_TARGET, attributes, operands, ("p", "m"))
+
+
+def clip_scale_operand(scale: Any, grad_dtype: Any) -> jax.Array:
+    """The float32 operand for a clip scale: `scale.astype(grad_dtype)` (clipping.py) as float32."""
+    return jnp.asarray(scale).astype(grad_dtype).astype(jnp.float32)
+
+
+def _scalar(x: Any) -> jax.Array:
+    return jnp.asarray(x, jnp.float32).reshape(())
+
+
+def _check(state: Sequence[jax.Array], grads: Sequence[jax.Array]) -> None:
+    p = state[0]
+    for s in state[1:]:
+        if s.shape != p.shape or s.dtype != p.dtype:
+            raise ValueError(f"state buffers must share shape and dtype: {p.shape} {p.dtype} vs {s.shape} {s.dtype}")
+    if p.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"kernel state must be float32 or bfloat16, not {p.dtype}")
+    if len({g.dtype for g in grads}) > 1 or any(g.dtype not in (jnp.float32, jnp.bfloat16) for g in grads):
+        raise ValueError("gradients must all be float32 or all bfloat16")
+    total = sum(int(np.prod(g.shape)) for g in grads)
+    if total != int(np.prod(p.shape)):
+        raise ValueError(f"gradients hold {total} elements, the state {int(np.prod(p.shape))}")
+
+
+def _invoke(call: KernelCall, named: dict[str, Any], grads: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    operands = [named[name] for name in call.operands] + list(grads)
+    result_types = [jax.ShapeDtypeStruct(named[r].shape, named[r].dtype) for r in call.results]
+    fn = jax.ffi.ffi_call(call.target, result_types, input_output_aliases=call.aliases)
+    return tuple(fn(*operands, **call.attributes))
+
+
+def adam_update(p: jax.Array, m: jax.Array, v: jax.Array, grads: Sequence[jax.Array], *, alpha: Any, eps: Any,
+                beta_1: float, beta_2: float, vhat: jax.Array | None = None, weight_decay: float | None = None,
+                lr: Any = None, clip_scale: Any = None) -> tuple[jax.Array, ...]:
+    """One Adam step of a packed group: returns (p, m, v) or, with `vhat` (AMSGrad), (p, m, v, vhat).
+
+    `alpha` = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) and `eps` are runtime float32 scalars (frontend/adam.py
+    `_alpha_eps`); `lr` is needed with `weight_decay` (p -= (p * wd) * lr first); `clip_scale` multiplies the
+    gradients first. Donate p, m, v (and vhat) to update them in place.
+    """
+    grads = list(grads)
+    state = [p, m, v] + ([vhat] if vhat is not None else [])
+    _check(state, grads)
+    if weight_decay is not None and lr is None:
+        raise ValueError("weight_decay needs lr")
+    call = adam_call(beta_1=beta_1, beta_2=beta_2, amsgrad=vhat is not None, weight_decay=weight_decay,
+                     clip_scale=clip_scale is not None)
+    named = {"p": p, "m": m, "v": v, "vhat": vhat, "alpha": _scalar(alpha), "eps": _scalar(eps)}
+    if weight_decay is not None:
+        named["lr"] = _scalar(lr)
+    if clip_scale is not None:
+        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+    return _invoke(call, named, grads)
+
+
+def sgd_update(p: jax.Array, m: jax.Array, grads: Sequence[jax.Array], *, lr: Any, momentum: float,
+               nesterov: bool = False, weight_decay: float | None = None, clip_scale: Any = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """One tf-keras SGD-with-momentum step of a packed group: returns (p, m)."""
+    grads = list(grads)
+    _check([p, m], grads)
+    call = sgd_call(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                    clip_scale=clip_scale is not None)
+    named = {"p": p, "m": m, "lr": _scalar(lr)}
+    if clip_scale is not None:
+        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+    out = _invoke(call, named, grads)
+    return out[0], out[1]
