@@ -96,6 +96,10 @@ class Layout:
     def is_fully_replicated(self) -> bool:
         return all(s == UNSHARDED for s in self.sharding_specs)
 
+    def spec_tuple(self) -> tuple[Any, ...]:
+        """One PartitionSpec entry per dimension (None where unsharded): how the step contract spells layouts."""
+        return tuple(None if s == UNSHARDED else s for s in self.sharding_specs)
+
     def to_partition_spec(self) -> PartitionSpec:
         return PartitionSpec(*(None if s == UNSHARDED else s for s in self.sharding_specs))
 
@@ -150,14 +154,16 @@ def layout_problem(shape: Sequence[int], dims: Sequence[Any], mesh_axes: dict[st
     return None
 
 
-def resolve_mesh(mesh: Mesh | None, layouts: Sequence[Any]) -> Mesh:
-    """The optimizer's mesh; else the mesh of the first layout given; else one device."""
+def resolve_mesh(mesh: Mesh | None, sources: Sequence[Any], device: Any = None) -> Mesh:
+    """The one rule for which mesh a step runs on: the optimizer's mesh; else the mesh of the first layout or
+    NamedSharding among `sources`; else a one-device mesh (on `device`, default the first device)."""
     if mesh is not None:
         return mesh
-    for lay in layouts:
-        if lay is not None:
-            return lay.mesh
-    return default_mesh()
+    for src in sources:
+        found = getattr(src, "mesh", None)
+        if isinstance(found, Mesh):
+            return found
+    return default_mesh(device)
 
 
 def as_layout(obj: Any, mesh: Mesh | None, rank: int) -> Layout | None:
@@ -173,6 +179,7 @@ def as_layout(obj: Any, mesh: Mesh | None, rank: int) -> Layout | None:
     raise TypeError(f"layout must be a shardopt.Layout, NamedSharding or PartitionSpec, got {type(obj).__name__}")
 
 
-def default_mesh() -> Mesh:
-    """A one-device mesh for optimizers created without `mesh=`."""
-    return Mesh(np.array(jax.devices()[:1]), ("replica",), axis_types=(AxisType.Auto,))
+def default_mesh(device: Any = None) -> Mesh:
+    """A one-device mesh for optimizers created without `mesh=` (on `device`, default the first device)."""
+    return Mesh(np.array([device if device is not None else jax.devices()[0]]), ("replica",),
+                axis_types=(AxisType.Auto,))

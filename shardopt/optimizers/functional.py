@@ -46,9 +46,7 @@ def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optim
         layout.validate(shape, f"variable {name!r}")
         if not same_mesh(auto_mesh(layout.mesh), auto_mesh(mesh)):
             raise ValueError(f"variable {name!r} is laid out on a different mesh than the optimizer's")
-        spec = tuple(layout.to_partition_spec())
-        entries.append(StepEntry(name, shape, str(dtype), spec + (None,) * (len(shape) - len(spec)),
-                                 opt._entry_slots()))
+        entries.append(StepEntry(name, shape, str(dtype), layout.spec_tuple(), opt._entry_slots()))
         names.append(name)
     if len(set(names)) != len(names):
         raise ValueError(f"variable names must be unique, got duplicates in {names}")

@@ -66,8 +66,7 @@ def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str |
     """Validates one gradient against its variable; returns the step entry (named `name`, the variable's unique
     name in the step, by default its own) and the arrays to pass."""
     name = var.name if name is None else name
-    layout = var.layout.to_partition_spec()
-    lay = tuple(layout) + (None,) * (len(var.shape) - len(layout))
+    lay = var.layout.spec_tuple()
     if isinstance(grad, IndexedSlices):
         values = gradient_array(grad.values, var, "IndexedSlices values")
         if grad.dense_shape is not None:
@@ -104,6 +103,4 @@ def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str |
 
 def dense_entry(var: Variable, slots: tuple[str, ...], name: str | None = None) -> StepEntry:
     """The step entry of `var` receiving a dense gradient of its own shape."""
-    spec = tuple(var.layout.to_partition_spec())
-    return StepEntry(var.name if name is None else name, var.shape, str(var.dtype),
-                     spec + (None,) * (len(var.shape) - len(spec)), slots)
+    return StepEntry(var.name if name is None else name, var.shape, str(var.dtype), var.layout.spec_tuple(), slots)

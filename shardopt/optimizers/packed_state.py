@@ -134,9 +134,7 @@ def pack_state(names: Sequence[str], variables: Sequence[Variable], slots: Seque
         if not slot_names or any(s not in own or own[s].shape != var.shape or own[s]._view is not None
                                  for s in slot_names):
             continue
-        spec = tuple(var.layout.to_partition_spec())
-        layout = spec + (None,) * (len(var.shape) - len(spec))
-        candidates.append((name, var.shape, str(var.dtype), layout))
+        candidates.append((name, var.shape, str(var.dtype), var.layout.spec_tuple()))
         by_name[name] = own
     packs = plan_packs(candidates, mesh_axes, max_elements) if max_elements > 0 else ()
     state = PackedState(packs, [], [], {})

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from shardopt.core.contract import (
     COUNTER,
@@ -30,6 +31,7 @@ from shardopt.core.contract import (
     TensorSpec,
 )
 from shardopt.core.errors import StepInputError
+from shardopt.core.layout import auto_mesh
 from shardopt.core.packing import PackGroup
 from shardopt.runtime import artifact
 from shardopt.runtime.executable import CompiledStep
@@ -162,8 +164,10 @@ class FunctionalStep:
                 if index is None:
                     leaves.append(state[spec.name])
                     continue
-                if spec.name not in cut:
-                    cut[spec.name] = _unpacker(members[name][0])(state[spec.name])
+                if spec.name not in cut:  # cut on the Auto-axes copy of the mesh, as the step itself does
+                    packed = jax.device_put(state[spec.name], NamedSharding(auto_mesh(self.mesh),
+                                                                            PartitionSpec(*(spec.layout or ()))))
+                    cut[spec.name] = _unpacker(members[name][0])(packed)
                 leaves.append(cut[spec.name][index])
             out[slot] = jax.tree_util.tree_unflatten(self.treedef, leaves)
         return out

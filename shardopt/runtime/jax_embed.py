@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 
 from shardopt.core.errors import StepInputError
-from shardopt.core.layout import Layout, auto_mesh, same_mesh
+from shardopt.core.layout import Layout, auto_mesh, resolve_mesh, same_mesh
 from shardopt.core.specs import VariableSpec
 
 Params = Any
@@ -143,25 +143,14 @@ def _leaf_sharding(x: Any) -> Any:
     return x.sharding
 
 
-def _resolve_mesh(opt_mesh: Mesh | None, shardings: list[Any]) -> Mesh:
-    """The optimizer's mesh; else the params' mesh; else the one device the params live on."""
-    if opt_mesh is not None:
-        return opt_mesh
-    for s in shardings:
-        if isinstance(s, NamedSharding):
-            return s.mesh
-    for s in shardings:
-        if isinstance(s, SingleDeviceSharding):
-            return Mesh(np.array(list(s.device_set)), ("replica",))
-    return Mesh(np.array(jax.devices()[:1]), ("replica",))
-
-
 def specs_for(params: Params, mesh: Mesh | None = None) -> Any:
     """`VariableSpec`s for a params pytree: its shapes and dtypes, and the layouts of its `NamedSharding`s
     when they are on the optimizer's mesh (anything else is compiled replicated)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     shardings = [_leaf_sharding(x) for x in leaves]
-    mesh = _resolve_mesh(mesh, shardings)
+    single = [s for s in shardings if isinstance(s, SingleDeviceSharding)]
+    mesh = resolve_mesh(mesh, [s for s in shardings if isinstance(s, NamedSharding)],
+                        next(iter(single[0].device_set)) if single else None)
     specs = []
     for x, s in zip(leaves, shardings, strict=True):
         rank = len(np.shape(x))
