@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from shardopt.frontend.adam import Adam
 
 from shardopt import kernels
-from shardopt.frontend.adam import Adam
 from shardopt.kernels import _loader
 
 BF16 = jnp.bfloat16
