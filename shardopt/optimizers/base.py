@@ -42,6 +42,8 @@ from shardopt.runtime.functional import FunctionalStep
 
 log = logging.getLogger("shardopt")
 
+MAX_PROGRAMS = 64  # compiled steps kept per optimizer (one per gradient signature)
+
 State = dict[str, jax.Array]
 
 
@@ -133,6 +135,9 @@ class Optimizer(StateMixin, HyperparameterMixin):
             program = compile_step(self, entries, mesh, schedule=self._schedule(), packs=packs,
                                    slot_names=self._entry_slots(), pipeline=self.pipeline)
             self._programs[key] = program
+            while len(self._programs) > MAX_PROGRAMS:  # bounded: the oldest signature is compiled again if needed
+                self._programs.pop(next(iter(self._programs)))
+                self._fast_programs.clear()
         return program
 
     def _packed_program(self, entries: tuple[StepEntry, ...]) -> StepProgram:

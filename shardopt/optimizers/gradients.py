@@ -61,6 +61,28 @@ def _sparse_indices(indices: Any, var: Variable) -> jax.Array:
     return indices if isinstance(indices, jax.Array) else jnp.asarray(indices)
 
 
+def row_bucket(rows: int) -> int:
+    """The row count a sparse gradient of `rows` rows is compiled for: the next power of two (at least 8), so a
+    row count that changes every step compiles a handful of programs, not one per count (issue 13: 85 programs
+    and +630 MB RSS in 200 steps)."""
+    return max(8, 1 << max(rows - 1, 0).bit_length())
+
+
+def pad_rows(values: Any, indices: Any, dim0: int) -> tuple[Any, Any]:
+    """`values`/`indices` padded to `row_bucket` rows: zero rows at index `dim0`, one past the last row, which the
+    step's scatter drops (`mode="drop"`), so padding changes no number."""
+    rows = int(indices.shape[0])
+    pad = row_bucket(rows) - rows
+    if not pad:
+        return values, indices
+    indices = jnp.asarray(indices)
+    if indices.dtype.itemsize < 4:  # the padding index, one past the last row, must fit
+        indices = indices.astype(jnp.int32)
+    values = jnp.concatenate([jnp.asarray(values), jnp.zeros((pad, *values.shape[1:]), values.dtype)])
+    indices = jnp.concatenate([indices, jnp.full((pad,), dim0, indices.dtype)])
+    return values, indices
+
+
 def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str | None = None
                    ) -> tuple[StepEntry, list[Any]]:
     """Validates one gradient against its variable; returns the step entry (named `name`, the variable's unique
@@ -83,6 +105,7 @@ def gradient_entry(grad: Any, var: Variable, slots: tuple[str, ...], name: str |
         if values.shape != (indices.shape[0], *var.shape[1:]):
             raise ValueError(f"IndexedSlices for {var.name!r}: values of shape {values.shape} do not match "
                              f"{indices.shape[0]} rows of a variable of shape {var.shape}")
+        values, indices = pad_rows(values, indices, var.shape[0])
         entry = StepEntry(name, var.shape, str(var.dtype), lay, slots, sparse_rows=int(indices.shape[0]),
                           index_dtype=str(indices.dtype))
         return entry, [values, indices]

@@ -165,6 +165,12 @@ class CompiledStep:
     def _check(self, i: int, a: Any) -> Any:
         """The full check of argument `i`: the array to pass, or a StepInputError that names it."""
         spec, want, dtype = self.contract.args[i], self.in_shardings[i], self._dtypes[i]
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):  # a Python scalar, a list, an object
+            if isinstance(a, (bool, int, float)) and not isinstance(a, bool) and not spec.shape:
+                a = np.asarray(a, dtype)  # a Python number for a scalar input (the learning rate, the counter)
+            else:
+                raise StepInputError(f"{spec.name}: expected a {spec.dtype}{list(spec.shape)} array, got "
+                                     f"{type(a).__name__}")
         if a.shape != spec.shape and tuple(a.shape) != spec.shape:
             raise StepInputError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
         if a.dtype != dtype:
