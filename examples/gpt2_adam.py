@@ -70,7 +70,8 @@ def main() -> None:
         stats = ", ".join(f"{k}={v}" for k, v in stage.stats.items() if not isinstance(v, (list, dict)))
         print(f"  {stage.name:<20} {stage.seconds * 1e3:7.1f} ms  {stats}")
 
-    print("\npacked state (small variables and their m, v, average live in one buffer each per pack):")
+    print("\npacked state (the m, v and average slots of small variables live in one buffer each per pack; the "
+          "variables stay your own arrays):")
     pack_of = {}
     for group in opt.packs:
         pack_of.update({m.name: group.name for m in group.members})
@@ -81,8 +82,9 @@ def main() -> None:
         shard = var.value.addressable_shards[0].data
         slot_layouts = {str(opt.get_slot(var, s).layout.sharding_specs) for s in ("m", "v", "average")}
         same = "same as variable" if slot_layouts == {str(var.layout.sharding_specs)} else ", ".join(slot_layouts)
+        stored = f"slots in {pack_of[var.name]}" if var.name in pack_of else "own buffers"
         print(f"{var.name:<24} {str(var.shape):<14} {str(list(var.layout.sharding_specs)):<22} {same:<22} "
-              f"{shard.nbytes / 2**20:9.2f}  {pack_of.get(var.name, 'own buffers')}")
+              f"{shard.nbytes / 2**20:9.2f}  {stored}")
     checksum = float(jax.jit(lambda xs: sum(x.sum() for x in xs))([v.value for v in variables]))
     print(f"\nchecksum of all variables after {int(opt.iterations.value)} steps: {checksum:.6f}")
 
