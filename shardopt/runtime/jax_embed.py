@@ -119,6 +119,16 @@ class ShardoptState(NamedTuple):
     iterations: Any
     learning_rate: Any = None  # None when the learning rate is a schedule compiled into the step
 
+    @property
+    def slots(self) -> dict[str, Any]:
+        """Deprecated: the slot buffers by contract name (packed ones hold several variables). Use
+        `tx.init.steps[...].step.slots(state.to_step_state())` for per-variable slots."""
+        import warnings
+
+        warnings.warn("ShardoptState.slots is deprecated: the state is packed; read slots with "
+                      "step.slots(state.to_step_state())", DeprecationWarning, stacklevel=2)
+        return {k: v for k, v in self.buffers.items() if not k.startswith("gradient_buffer/")}
+
     @classmethod
     def from_step_state(cls, state: State) -> ShardoptState:
         buffers = {k: v for k, v in state.items() if k not in ("iterations", "learning_rate")}
