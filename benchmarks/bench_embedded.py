@@ -54,6 +54,21 @@ TARGET = 0.5
 PIPELINE: tuple[str, ...] | None = None  # --pipeline (None: shardopt's default)
 
 
+def optax_loop(tx: Any, ps: ParamSet, grads: list[jax.Array], updates: int) -> tuple[Any, tuple, tuple]:
+    """`updates` steps of an optax transformation in one donated jit (the loop every embedded optax row times)."""
+    params = make_arrays(ps, "param")
+    state = tx.init(params)
+
+    def loop(p: Any, s: Any, g: Any) -> Any:
+        def body(_: Any, c: Any) -> Any:
+            u, s2 = tx.update(g, c[1], c[0])
+            return optax.apply_updates(c[0], u), s2
+
+        return lax.fori_loop(0, updates, body, (p, s))
+
+    return jax.jit(loop, donate_argnums=(0, 1)), (params, state), (grads,)
+
+
 class OptaxEmbedded(JitCase):
     key, name = "optax", "optax embedded"
 
@@ -63,17 +78,7 @@ class OptaxEmbedded(JitCase):
 
     def build(self) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
         tx = optax.adam(LR, eps=1e-7)
-        params = make_arrays(self.ps, "param")
-        state = tx.init(params)
-
-        def loop(p: Any, s: Any, g: Any) -> Any:
-            def body(_: Any, c: Any) -> Any:
-                u, s2 = tx.update(g, c[1], c[0])
-                return optax.apply_updates(c[0], u), s2
-
-            return lax.fori_loop(0, self.updates, body, (p, s))
-
-        return jax.jit(loop, donate_argnums=(0, 1)), (params, state), (self.grads,)
+        return optax_loop(tx, self.ps, self.grads, self.updates)
 
 
 class ShardoptEmbedded(JitCase):
@@ -121,17 +126,7 @@ class ShardoptOptax(JitCase):
         if PIPELINE is not None:
             opt.pipeline = PIPELINE
         tx = shardopt.as_optax(opt)
-        params = make_arrays(self.ps, "param")
-        state = tx.init(params)
-
-        def loop(p: Any, s: Any, g: Any) -> Any:
-            def body(_: Any, c: Any) -> Any:
-                u, s2 = tx.update(g, c[1], c[0])
-                return optax.apply_updates(c[0], u), s2
-
-            return lax.fori_loop(0, self.updates, body, (p, s))
-
-        return jax.jit(loop, donate_argnums=(0, 1)), (params, state), (self.grads,)
+        return optax_loop(tx, self.ps, self.grads, self.updates)
 
 
 class OptaxStandalone(Case):
