@@ -70,16 +70,17 @@ def row_bucket(rows: int) -> int:
 
 def pad_rows(values: Any, indices: Any, dim0: int) -> tuple[Any, Any]:
     """`values`/`indices` padded to `row_bucket` rows: zero rows at index `dim0`, one past the last row, which the
-    step's scatter drops (`mode="drop"`), so padding changes no number."""
+    step's scatter drops (`mode="drop"`), so padding changes no number. Padded on the host: an eager jax pad would
+    compile one program per row count, which is what the buckets are for."""
     rows = int(indices.shape[0])
     pad = row_bucket(rows) - rows
     if not pad:
         return values, indices
-    indices = jnp.asarray(indices)
+    values, indices = np.asarray(values), np.asarray(indices)
     if indices.dtype.itemsize < 4:  # the padding index, one past the last row, must fit
-        indices = indices.astype(jnp.int32)
-    values = jnp.concatenate([jnp.asarray(values), jnp.zeros((pad, *values.shape[1:]), values.dtype)])
-    indices = jnp.concatenate([indices, jnp.full((pad,), dim0, indices.dtype)])
+        indices = indices.astype(np.int32)
+    values = np.concatenate([values, np.zeros((pad, *values.shape[1:]), values.dtype)])
+    indices = np.concatenate([indices, np.full((pad,), dim0, indices.dtype)])
     return values, indices
 
 
