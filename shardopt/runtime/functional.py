@@ -31,6 +31,7 @@ from shardopt.core.contract import (
 )
 from shardopt.core.errors import StepInputError
 from shardopt.core.packing import PackGroup
+from shardopt.core.paths import path_name
 from shardopt.runtime import artifact
 from shardopt.runtime.executable import CompiledStep
 
@@ -39,19 +40,6 @@ SLOT_INIT_FROM_VARIABLE = "variable"
 SLOT_INIT_ZEROS = "zeros"
 
 State = dict[str, Any]
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-    """A pytree key path as a slash-separated name: {'dense': {'kernel': x}} -> 'dense/kernel'."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts) if parts else "param"
 
 
 @functools.lru_cache(maxsize=256)
