@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "VariableSpec": "shardopt.core.specs",
     "as_optax": "shardopt.runtime.jax_embed",
     "keras": "shardopt.keras",
+    "tf_keras": "shardopt.tf_keras",
     "load": "shardopt.runtime.functional",
     "schedules": "shardopt.frontend.schedules",
 }
@@ -36,7 +37,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adam", "ArtifactError", "EMAOption", "GradientsClipOption", "IndexedSlices", "Layout", "Optimizer", "PassError",
     "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules",
-    "__version__",
+    "tf_keras", "__version__",
 ]
 
 
