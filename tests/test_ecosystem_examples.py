@@ -38,3 +38,11 @@ def test_orbax_checkpoint_example():
     pytest.importorskip("orbax.checkpoint")
     out = run_example("orbax_checkpoint.py")
     assert "bitwise equal to the uninterrupted run: True" in out
+
+
+@pytest.mark.tf
+def test_tf_keras_fit_example():
+    out = run_example("tf_keras_fit.py", "--epochs", "2")
+    assert "model.fit with shardopt.tf_keras.Adam: 10 steps" in out
+    assert float(out.split("max |w - w(tf-keras Adam)| = ")[1].split()[0]) <= 1e-6
+    assert "loaded from .keras: Adam at step 10" in out and "restored from tf.train.Checkpoint at step 10" in out
