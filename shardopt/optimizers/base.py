@@ -283,17 +283,9 @@ class Optimizer(StateMixin, HyperparameterMixin):
         return self._packed_program(tuple(
             gradient_entry(g, v, self._entry_slots(), self._step_names[self._var_index(v)])[0] for g, v in pairs))
 
-    def state_dict(self) -> dict[str, jax.Array]:
-        """The state as named, sharded arrays (`<slot>/<variable>`, `iteration`): see optimizers/checkpoint.py."""
-        return checkpoint.state_dict(self)
-
-    def load_state_dict(self, state_dict: dict[str, Any], var_list: Sequence[Variable] | None = None) -> None:
-        """Restores `state_dict()`'s values (checked, laid out on this optimizer's layouts; builds from
-        `var_list` first when not built)."""
-        checkpoint.load_state_dict(self, state_dict, var_list)
-
-    def state_dict_specs(self) -> dict[str, jax.ShapeDtypeStruct]:
-        return checkpoint.state_dict_specs(self)  # the restore target of `state_dict()`
+    # checkpoints (optimizers/checkpoint.py): named, sharded state arrays; restore validates and lays them out
+    state_dict, load_state_dict, state_dict_specs = (checkpoint.state_dict, checkpoint.load_state_dict,
+                                                     checkpoint.state_dict_specs)
 
     def compile(self, specs: Any) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see
