@@ -45,8 +45,11 @@ def assert_bitwise(a, b):
 
 def test_host_arrays_are_placed(step, reference):
     state = {k: np.asarray(v) for k, v in step.init(step.place_params(PARAMS)).items()}
-    got = run(step, dict(PARAMS), state)
+    host = {k: v.copy() for k, v in PARAMS.items()}
+    kept = {k: v.copy() for k, v in state.items()}
+    got = run(step, host, state)
     assert_bitwise(got, reference)
+    assert_bitwise((host, state), (PARAMS, kept))  # donation consumed device copies, not the host memory
 
 
 def test_default_device_arrays_are_placed(step, reference):
