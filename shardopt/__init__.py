@@ -28,14 +28,16 @@ _EXPORTS: dict[str, str] = {
     "Variable": "shardopt.optimizers.variables",
     "VariableSpec": "shardopt.core.specs",
     "as_optax": "shardopt.runtime.jax_embed",
+    "keras": "shardopt.keras",
+    "tf_keras": "shardopt.tf_keras",
     "load": "shardopt.runtime.functional",
     "schedules": "shardopt.frontend.schedules",
 }
 
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adam", "ArtifactError", "EMAOption", "GradientsClipOption", "IndexedSlices", "Layout", "Optimizer", "PassError",
-    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "load", "schedules",
-    "__version__",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules",
+    "tf_keras", "__version__",
 ]
 
 

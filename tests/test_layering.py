@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("shardopt.frontend", "shardopt.passes", "shardopt.runtime"),
     ("shardopt.compiler",),
     ("shardopt.optimizers", "shardopt.model_zoo"),
-    ("shardopt.cli", "shardopt.opt", "shardopt.tf", "shardopt.__main__", "shardopt"),
+    ("shardopt.cli", "shardopt.opt", "shardopt.tf", "shardopt.keras", "shardopt.tf_keras", "shardopt.__main__",
+     "shardopt"),
 ]
 
 

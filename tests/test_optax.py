@@ -132,8 +132,10 @@ def test_update_needs_params_and_init():
     with pytest.raises(ValueError, match="needs `params`"):
         tx.update(params, state)
     other = {"w": jnp.ones((4,))}
-    with pytest.raises(RuntimeError, match=r"Call `init\(params\)` eagerly"):
+    with pytest.raises(shardopt.StepInputError, match=r"w: compiled for float32\[3\], got float32\[4\]"):
         jax.jit(tx.update)(other, state, other)
+    with pytest.raises(RuntimeError, match=r"call `init\(params\)` eagerly"):
+        shardopt.as_optax(shardopt.Adam(1e-3)).update(params, state, params)
 
 
 def test_schedule_and_chain():

@@ -67,9 +67,8 @@ SCENARIOS = textwrap.dedent("""
         errors = []
         cases = {
             "grad over param": lambda p, s: (p, {"w": alias(p["w"]), "b": grad_fn(p)["b"]}, s),
-            "grad over slot": lambda p, s: (p, {"w": alias(s["slots"]["m"]["w"]), "b": grad_fn(p)["b"]}, s),
-            "slot over param": lambda p, s: (p, grad_fn(p), {**s, "slots": {**s["slots"], "v": {
-                "w": alias(p["w"]), "b": s["slots"]["v"]["b"]}}}),
+            "grad over slot": lambda p, s: (p, {"w": alias(s["m/w"]), "b": grad_fn(p)["b"]}, s),
+            "slot over param": lambda p, s: (p, grad_fn(p), {**s, "v/w": alias(p["w"])}),
         }
         for label, make in cases.items():
             try:

@@ -25,7 +25,7 @@ def test_python_number_learning_rate_is_placed(step):
 @pytest.mark.parametrize("key, value, match", [
     ("learning_rate", "0.01", "learning_rate: expected a float32"),
     ("learning_rate", object(), "learning_rate: expected a float32"),
-    ("iterations", 3, "iterations: a donated input must be a jax.Array"),
+    ("iterations", "3", "iterations: expected a int32"),
 ])
 def test_bad_state_values_are_named(step, key, value, match):
     params = step.place_params({"w": np.ones(4, np.float32), "b": np.ones(4, np.float32)})

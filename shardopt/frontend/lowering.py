@@ -40,7 +40,17 @@ def _sharding(mesh: Mesh, spec: TensorSpec) -> NamedSharding | None:
 
 def lower_step(fn: Callable[..., tuple[jax.Array, ...]], contract: StepContract, mesh: Mesh
                ) -> LoweredStep:
-    """Traces `fn` with jax (on the Auto-axes mesh) and annotates the module for our passes."""
+    """Traces `fn` with jax (on the Auto-axes mesh) and annotates the module for our passes.
+
+    The trace runs outside any ambient `jax.set_mesh`: under an Explicit-axes mesh jax would type every
+    intermediate with that mesh's shardings (replicated for fresh values like zeros), pin results to them and
+    contradict the layouts the contract gives them.
+    """
+    with jax.set_mesh(None):
+        return _lower_step(fn, contract, mesh)
+
+
+def _lower_step(fn: Callable[..., tuple[jax.Array, ...]], contract: StepContract, mesh: Mesh) -> LoweredStep:
     mesh = auto_mesh(mesh)
     in_shardings = tuple(_sharding(mesh, a) for a in contract.args)
     out_shardings = tuple(_sharding(mesh, r) for r in contract.results)

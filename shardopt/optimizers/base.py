@@ -30,6 +30,7 @@ from shardopt.core.contract import (
 from shardopt.core.packing import PACK_MAX_ELEMENTS, PackGroup
 from shardopt.frontend import options
 from shardopt.frontend.step import compute_dtype
+from shardopt.optimizers import checkpoint
 from shardopt.optimizers.functional import compile_functional
 from shardopt.optimizers.gradients import dense_entry, gradient_entry
 from shardopt.optimizers.hyperparameters import HyperparameterMixin
@@ -286,6 +287,10 @@ class Optimizer(StateMixin, HyperparameterMixin):
             self.build([v for _, v in pairs])
         return self._packed_program(tuple(
             gradient_entry(g, v, self._entry_slots(), self._step_names[self._var_index(v)])[0] for g, v in pairs))
+
+    # checkpoints (optimizers/checkpoint.py): named, sharded state arrays; restore validates and lays them out
+    state_dict, load_state_dict, state_dict_specs = (checkpoint.state_dict, checkpoint.load_state_dict,
+                                                     checkpoint.state_dict_specs)
 
     def compile(self, specs: Any) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see

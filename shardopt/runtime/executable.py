@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
@@ -84,6 +84,7 @@ class CompiledStep:
         self._output_ids: list[int] = []
         weakref.finalize(self, _forget_outputs, self._output_ids)
         self._fn = jax.jit(exported.call, donate_argnums=contract.donated_argnums())
+        self._mesh_devices = frozenset(self.mesh.devices.flat)
 
     @classmethod
     def from_module(cls, module_text: str, contract: StepContract, template: jax.export.Exported,
@@ -163,7 +164,13 @@ class CompiledStep:
                         f"(an array built over its shards?); XLA would overwrite it while reading it: pass a copy")
 
     def _check(self, i: int, a: Any) -> Any:
-        """The full check of argument `i`: the array to pass, or a StepInputError that names it."""
+        """The full check of argument `i`: the array to pass, or a StepInputError that names it.
+
+        Placed as `jax.jit` would place them: host arrays (numpy, Python scalars) and single-device jax arrays
+        on one of the mesh's devices (or uncommitted ones, e.g. `jnp.zeros` on the default device). Their copy is
+        what is donated, so the caller's own value is never lost. Refused: a wrong shape or dtype, and a jax
+        array on another mesh or sharded otherwise, which may be the only copy of its value.
+        """
         spec, want, dtype = self.contract.args[i], self.in_shardings[i], self._dtypes[i]
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):  # a Python scalar, a list, an object
             if isinstance(a, (bool, int, float)) and not isinstance(a, bool) and not spec.shape:
@@ -176,9 +183,7 @@ class CompiledStep:
         if a.dtype != dtype:
             raise StepInputError(f"{spec.name}: expected dtype {spec.dtype}, got {np.dtype(a.dtype)}")
         if not isinstance(a, jax.Array):
-            if spec.donated:
-                raise StepInputError(f"{spec.name}: a donated input must be a jax.Array placed as {want.spec}")
-            return jax.device_put(a, want)
+            return jax.device_put(a, want)  # a host array: the device copy is new, donating it loses nothing
         if a.is_deleted():
             raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
         sharding = a.sharding
@@ -187,6 +192,15 @@ class CompiledStep:
                 self._accepted[i] = sharding  # the next call with this sharding object takes the fast path
                 self._risky = None
             return a
+        if isinstance(sharding, SingleDeviceSharding):
+            (device,) = sharding.device_set
+            if not getattr(a, "_committed", True) or device in self._mesh_devices:
+                # a donated one is copied first: device_put reuses the buffer of the device it is on (even with
+                # may_alias=False), and donating that would delete the caller's array or overwrite a buffer
+                # another argument (the same array passed twice) reads
+                return jax.device_put(jax.numpy.array(a, copy=True) if spec.donated else a, want)
+            raise StepInputError(f"{spec.name}: the array is on {device}, outside the step's mesh "
+                                 f"{dict(self.contract.mesh_axes)}")
         if spec.donated:
             raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got {sharding}")
         return jax.device_put(a, want)

@@ -33,6 +33,7 @@ from shardopt.core.contract import (
 from shardopt.core.errors import StepInputError
 from shardopt.core.layout import auto_mesh
 from shardopt.core.packing import PackGroup
+from shardopt.core.paths import path_name
 from shardopt.runtime import artifact
 from shardopt.runtime.executable import CompiledStep
 
@@ -41,19 +42,7 @@ SLOT_INIT_FROM_VARIABLE = "variable"
 SLOT_INIT_ZEROS = "zeros"
 
 State = dict[str, Any]
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-    """A pytree key path as a slash-separated name: {'dense': {'kernel': x}} -> 'dense/kernel'."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts) if parts else "param"
+CHECKPOINT_COUNTER = "iteration"  # tf-keras's name of the counter variable
 
 
 @functools.lru_cache(maxsize=256)
@@ -172,6 +161,60 @@ class FunctionalStep:
             out[slot] = jax.tree_util.tree_unflatten(self.treedef, leaves)
         return out
 
+    # ----- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self, state: State) -> dict[str, jax.Array]:
+        """The state as a flat dict of named arrays for a checkpoint (orbax, ...): `<slot>/<variable name>` for
+        each slot (packed members cut out, each laid out as its variable), `iteration`, and `learning_rate` when
+        it is a runtime input. Packing is this step's business, not the checkpoint's: any step compiled for the
+        same variables restores it (`load_state_dict`). The arrays are copies, so the next step (which donates
+        the state) does not delete them."""
+        out: dict[str, jax.Array] = {}
+        slots = self.slots(state)
+        for slot in self.slot_names:
+            for name, value in zip(self.names, jax.tree.leaves(slots[slot]), strict=True):
+                out[f"{slot}/{name}"] = value
+        for spec in self.contract.state:
+            if spec.role == COUNTER:
+                out[CHECKPOINT_COUNTER] = state[spec.name]
+            elif spec.role == HYPERPARAMETER:
+                out[spec.name] = state[spec.name]
+        return {k: jnp.array(v, copy=True) for k, v in out.items()}
+
+    def state_dict_specs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """What `state_dict` returns, as shapes, dtypes and shardings (an orbax restore target)."""
+        out: dict[str, jax.ShapeDtypeStruct] = {}
+        for slot in self.slot_names:
+            for name in self.names:
+                var = self.contract.arg(name)
+                out[f"{slot}/{name}"] = jax.ShapeDtypeStruct(var.shape, np.dtype(var.dtype),
+                                                             sharding=self._sharding(name))
+        for spec in self.contract.state:
+            if spec.role in (COUNTER, HYPERPARAMETER):
+                key = CHECKPOINT_COUNTER if spec.role == COUNTER else spec.name
+                out[key] = jax.ShapeDtypeStruct(spec.shape, np.dtype(spec.dtype), sharding=self._sharding(spec.name))
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> State:
+        """A state (as `init` returns) from a `state_dict`: names, shapes and dtypes are checked, values are laid
+        out on this step's layouts and packed into its buffers; gradient buffers start as zeros."""
+        values = check_state_dict(self.state_dict_specs(), state_dict)
+        state: State = {}
+        for spec in self.contract.state:
+            sharding = self._sharding(spec.name)
+            if spec.role == COUNTER:
+                value = values[CHECKPOINT_COUNTER]
+            elif spec.role == HYPERPARAMETER:
+                value = values[spec.name]
+            elif spec.role == SLOT and spec.pack is not None:
+                group = self.contract.pack(spec.pack)
+                value = _packer(group)([jnp.asarray(values[f"{spec.slot}/{m.name}"]) for m in group.members])
+            elif spec.role == SLOT:
+                value = values[f"{spec.slot}/{spec.owner}"]
+            else:
+                value = np.zeros(spec.shape, np.dtype(spec.dtype))
+            state[spec.name] = jax.device_put(value, sharding, may_alias=False)
+        return state
+
     @property
     def has_learning_rate_input(self) -> bool:
         return any(a.role == HYPERPARAMETER for a in self.contract.args)
@@ -238,6 +281,32 @@ class FunctionalStep:
         return JaxStepFunction(self)
 
 
+def check_state_dict(expected: dict[str, Any], given: Any) -> dict[str, Any]:
+    """`given` checked against `expected` (name -> anything with `.shape` and `.dtype`): the same names, each
+    with the expected shape and dtype; a StepInputError lists everything that differs."""
+    if not isinstance(given, dict):
+        raise StepInputError(f"a state dict must be a dict of name -> array, got {type(given).__name__}")
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if extra:
+        problems.append(f"unexpected {extra}")
+    for name, want in expected.items():
+        if name not in given:
+            continue
+        got = given[name]
+        shape, dtype = tuple(np.shape(got)), np.dtype(getattr(got, "dtype", np.asarray(got).dtype))
+        if shape != tuple(want.shape):
+            problems.append(f"{name}: expected shape {tuple(want.shape)}, got {shape}")
+        elif dtype != np.dtype(want.dtype):
+            problems.append(f"{name}: expected dtype {np.dtype(want.dtype)}, got {dtype}")
+    if problems:
+        raise StepInputError("the state dict does not match: " + "; ".join(problems))
+    return dict(given)
+
+
 def _same_paths(tree: Any, treedef: Any) -> bool:
     """Whether `tree` has the leaf paths (by name) of `treedef`, whatever its node types."""
     got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -260,4 +329,5 @@ def load(path: str | os.PathLike[str], mesh: jax.sharding.Mesh | None = None) ->
         pipeline=loaded.pipeline, optimizer_class=loaded.optimizer_class, artifact=loaded.artifact)
 
 
-__all__ = ["FunctionalStep", "SLOT_INIT_FROM_VARIABLE", "SLOT_INIT_ZEROS", "load", "path_name"]
+__all__ = ["CHECKPOINT_COUNTER", "FunctionalStep", "SLOT_INIT_FROM_VARIABLE", "SLOT_INIT_ZEROS", "check_state_dict",
+           "load", "path_name"]

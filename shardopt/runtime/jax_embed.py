@@ -7,6 +7,7 @@ training step — gradients and the fused update — is one XLA program, and the
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 
 from shardopt.core.errors import StepInputError
 from shardopt.core.layout import Layout, auto_mesh, resolve_mesh, same_mesh
+from shardopt.core.paths import path_name
 from shardopt.core.specs import VariableSpec
 
 Params = Any
@@ -103,6 +105,12 @@ def _explicit_sharding(x: Any) -> Any:
     return sharding
 
 
+def _same_spec(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Partition specs equal up to trailing unsharded dimensions."""
+    strip = lambda t: tuple(t[: max((i + 1 for i, x in enumerate(t) if x is not None), default=0)])
+    return strip(a) == strip(b)
+
+
 def as_jax_function(step: Any) -> JaxStepFunction:
     """The pure `(params, grads, state) -> (params, state)` function of a compiled step, for the user's jit."""
     return JaxStepFunction(step)
@@ -141,9 +149,54 @@ class ShardoptState(NamedTuple):
         return state
 
 
-def _signature(params: Params) -> tuple[Any, ...]:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    return (treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves))
+def _pure(params: Params) -> Params:
+    """`params` with flax nnx `Variable` wrappers (`nnx.Param`) replaced by their values, as `nnx.Optimizer`
+    passes them to `update` (it calls `init` with the wrappers). Other trees are returned as they are."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return params
+    return nnx.as_pure(params)
+
+
+Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+def _signature(params: Params) -> Signature:
+    """What a compiled step is keyed on: each leaf's path (by name), shape and dtype, not the tree's node types
+    (flax passes an nnx `State` of `Param`s to `init` and one of plain arrays to `update`; a linen TrainState,
+    `optax.chain` or `optax.MultiSteps` may rebuild dicts as other mappings)."""
+    leaves = jax.tree_util.tree_flatten_with_path(_pure(params))[0]
+    return tuple((path_name(p), tuple(np.shape(x)), str(np.dtype(x.dtype))) for p, x in leaves)
+
+
+def _layouts(params: Params) -> tuple[Any, ...]:
+    """Each leaf's partition spec where it is known (a concrete array, or a tracer typed on an Explicit-axes
+    mesh), else None: inside `jax.jit` on Auto axes the placement of a tracer is not known."""
+    out = []
+    for x in jax.tree.leaves(_pure(params)):
+        s = _leaf_sharding(x)
+        if s is None:
+            s = _explicit_sharding(x)
+        out.append(tuple(s.spec) if isinstance(s, NamedSharding) else None)
+    return tuple(out)
+
+
+def _differences(want: Signature, got: Signature) -> str:
+    """What differs between two signatures, in words."""
+    want_names, got_names = {n: (s, d) for n, s, d in want}, {n: (s, d) for n, s, d in got}
+    missing = [n for n in want_names if n not in got_names]
+    extra = [n for n in got_names if n not in want_names]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing}")
+    if extra:
+        parts.append(f"unexpected {extra}")
+    for n, (shape, dtype) in got_names.items():
+        if n in want_names and want_names[n] != (shape, dtype):
+            parts.append(f"{n}: compiled for {want_names[n][1]}{list(want_names[n][0])}, got {dtype}{list(shape)}")
+    if not parts and [n for n, _, _ in want] != [n for n, _, _ in got]:
+        parts.append(f"the leaves come in another order: compiled for {list(want_names)}, got {list(got_names)}")
+    return "; ".join(parts[:8])
 
 
 def _leaf_sharding(x: Any) -> Any:
@@ -185,25 +238,40 @@ def as_optax(optimizer: Any) -> Any:
     Args:
       optimizer: a shardopt optimizer, e.g. `shardopt.Adam(1e-3)`. Its own (stateful) state is not used.
     Returns:
-      `optax.GradientTransformation(init, update)`; `tx.init.steps` maps each params signature to its
-      compiled step (a `JaxStepFunction`; `.step` is the `FunctionalStep`), for inspection.
+      `optax.GradientTransformation(init, update)`; `tx.init.steps` maps each params signature (leaf names,
+      shapes and dtypes; layouts) to its compiled step (a `JaxStepFunction`; `.step` is the `FunctionalStep`).
     """
     import optax
 
-    steps: dict[tuple[Any, ...], JaxStepFunction] = {}
+    steps: dict[tuple[Signature, tuple[Any, ...]], JaxStepFunction] = {}  # (signature, layouts) -> step
 
     def lookup(params: Params) -> JaxStepFunction:
-        fn = steps.get(_signature(params))
-        if fn is None:
-            raise RuntimeError(
-                "shardopt.as_optax: no compiled step for these params. Call `init(params)` eagerly (outside "
-                "jax.jit) with params of the same structure, shapes and dtypes before `update` is traced.")
-        return fn
+        key = _signature(params)
+        found = {layouts: fn for (sig, layouts), fn in steps.items() if sig == key}
+        if not found:
+            if not steps:
+                raise RuntimeError("shardopt.as_optax: `update` was called before `init`: call `init(params)` "
+                                   "eagerly (outside jax.jit) first; it compiles the step")
+            nearest = min({sig for sig, _ in steps}, key=lambda k: len(_differences(k, key)))
+            raise StepInputError("shardopt.as_optax: these params differ from those `init(params)` compiled the "
+                                 f"step for: {_differences(nearest, key)}")
+        if len(found) == 1:
+            return next(iter(found.values()))
+        known = _layouts(params)
+        fits = [fn for layouts, fn in found.items()
+                if all(k is None or _same_spec(k, w) for k, w in zip(known, layouts, strict=True))]
+        if len(fits) != 1:
+            raise StepInputError(
+                f"shardopt.as_optax: {len(fits) or 'none'} of the {len(found)} steps `init` compiled for these "
+                "shapes and dtypes fit the params' shardings; place the params as they were placed for `init`")
+        return fits[0]
 
     def init_fn(params: Params) -> ShardoptState:
-        key = _signature(params)
+        params = _pure(params)
+        specs = specs_for(params, optimizer.mesh)
+        key = (_signature(params), tuple(tuple(s.layout.to_partition_spec()) for s in jax.tree.leaves(specs)))
         if key not in steps:
-            steps[key] = as_jax_function(optimizer.compile(specs_for(params, optimizer.mesh)))
+            steps[key] = as_jax_function(optimizer.compile(specs))
         return ShardoptState.from_step_state(steps[key].init(params))
 
     def update_fn(updates: Params, state: ShardoptState, params: Params | None = None
@@ -212,9 +280,10 @@ def as_optax(optimizer: Any) -> Any:
             raise ValueError("shardopt.as_optax: `update(grads, state, params)` needs `params`: the compiled "
                              "step computes the new params from them")
         fn = lookup(params)
-        new_params, new_state = fn(params, updates, state.to_step_state())
-        deltas = jax.tree.map(lambda n, p: n - p, new_params, params)
-        return deltas, ShardoptState.from_step_state(new_state)
+        new_params, new_state = fn(_pure(params), _pure(updates), state.to_step_state())
+        old, treedef = jax.tree_util.tree_flatten(_pure(params))
+        deltas = [n - p for n, p in zip(jax.tree.leaves(new_params), old, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, deltas), ShardoptState.from_step_state(new_state)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     init_fn.steps = steps  # type: ignore[attr-defined]

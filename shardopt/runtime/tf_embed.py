@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from shardopt.compat.tf_private import call_module
-from shardopt.core.contract import GRADIENT, HYPERPARAMETER, VARIABLE
+from shardopt.core.contract import COUNTER, GRADIENT, HYPERPARAMETER, VARIABLE
 from shardopt.core.errors import StepInputError
 from shardopt.core.specs import VariableSpec
 from shardopt.runtime.functional import FunctionalStep, load
@@ -76,10 +76,13 @@ class StepModule(tf.Module):
       variables: the model's `tf.Variable`s, a nest whose flattening gives the step's parameter order
         (`step.names`), e.g. `model.trainable_variables` for a step compiled from `variable_specs` of it.
       jit_compile: passed to the `tf.function` (`None`: TF's default; XlaCallModule is XLA either way).
+      make_variable: `(name, initial numpy value) -> tf.Variable` for the slot and gradient buffers (default a
+        plain `tf.Variable`; the tf-keras bridge makes them the optimizer's own variables, so tf-keras saves them).
     """
 
     def __init__(self, step: FunctionalStep | str | os.PathLike[str], variables: Any, *,
-                 jit_compile: bool | None = None, name: str | None = None, mesh: Any = None):
+                 jit_compile: bool | None = None, name: str | None = None, mesh: Any = None,
+                 make_variable: Any = None):
         super().__init__(name=name or "shardopt_step")
         step = load_step(step, mesh)
         conv = step.contract
@@ -101,7 +104,10 @@ class StepModule(tf.Module):
         self._names = tuple(step.names)
         self._step = step
         initial = step.init(jax_values(step, flat))
-        self.buffers = {k: tf.Variable(np.asarray(v), trainable=False, name=_var_name(k)) for k, v in initial.items()}
+        plain = lambda k, v: tf.Variable(v, trainable=False, name=_var_name(k))
+        roles = {a.name: a.role for a in conv.state}
+        self.buffers = {k: (plain if make_variable is None or roles[k] in (COUNTER, HYPERPARAMETER) else make_variable)(
+            k, np.asarray(v)) for k, v in initial.items()}
         # A schedule's learning rate is only a result (the rate the last step used, 0 before the first step).
         if not step.has_learning_rate_input:
             lr = [r for r in conv.results if r.role == HYPERPARAMETER][0]
