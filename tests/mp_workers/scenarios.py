@@ -76,7 +76,7 @@ def compile_step(mesh):
 def _tree_data(step, seed):
     rng = np.random.default_rng(seed)
     def leaves():
-        return [rng.standard_normal(step._spec(n).shape).astype(np.float32) for n in step.names]
+        return [rng.standard_normal(step.contract.arg(n).shape).astype(np.float32) for n in step.names]
     p0 = jax.tree_util.tree_unflatten(step.treedef, leaves())
     grads = [jax.tree_util.tree_unflatten(step.treedef, leaves()) for _ in range(STEPS)]
     return p0, grads
