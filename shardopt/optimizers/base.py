@@ -1,8 +1,11 @@
 """The Keras-shaped optimizer base class: state, `apply_gradients`, config; the math lives in definitions.
 
-A definition (Adam, and later SGD, AdamW, ...) subclasses `Optimizer`, adds its slots in `build`, and implements
-`update_dense` (and `update_sparse` when its sparse rounding differs) as pure jnp functions of one variable.
-Everything else — clipping, EMA, schedules, the counter, lowering, passes, execution — is shared.
+A definition (Adam, SGD, ...) subclasses `Optimizer`, passes its default learning rate and name and forwards the
+shared arguments (`**kwargs`) to `Optimizer.__init__`, declares its slots once (the class attribute `slots`, or
+`slot_groups()` when they depend on arguments; the base's `build` creates them), and implements `update_dense`
+(and `update_sparse` when tf-keras's sparse rounding differs) as pure jnp functions of one variable. Optimizer-
+level state (Nadam's momentum product) is declared by `optimizer_state_init()` and advanced once per step by
+`update_global`. Everything else — clipping, EMA, schedules, the counter, lowering, passes, execution — is shared.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from shardopt.core.contract import (
     COUNTER,
     GRADIENT_BUFFER,
     HYPERPARAMETER,
+    OPTIMIZER_STATE,
     SLOT,
     VARIABLE,
     StepContract,
@@ -55,6 +59,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
     def __init__(
         self,
         name: str,
+        learning_rate: Any = 0.001,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -77,6 +82,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         options.check_ema(ema["use_ema"], ema["ema_momentum"], ema["ema_overwrite_frequency"])
         options.check_clip(clip["clipnorm"], clip["clipvalue"], clip["global_clipnorm"])
         options.check_kwargs(dict(kwargs))
+        learning_rate = options.learning_rate_value(learning_rate)  # tf-keras checks it after the kwargs
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         self.name = name
@@ -90,10 +96,11 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self.jit_compile = jit_compile
         self.mesh = mesh
         self.pipeline: tuple[str, ...] = DEFAULT_PIPELINE
-        self._learning_rate: Any = np.float32(0.001)
+        self._learning_rate: Any = learning_rate
         self._lr_array: jax.Array | None = None
         self._current_lr: jax.Array | None = None
         self._iterations: Variable | None = None
+        self._optimizer_state: dict[str, Variable] = {}  # optimizer-level state (Nadam's u_product), by name
         self._built = False
         self._variables: list[Variable] = []
         self._index: dict[int, int] = {}
@@ -121,6 +128,15 @@ class Optimizer(StateMixin, HyperparameterMixin):
                       ) -> tuple[jax.Array, State]:
         """The update for a de-duplicated sparse gradient given densely (zero rows elsewhere)."""
         return self.update_dense(var, grad, state, lr, t)
+
+    def optimizer_state_init(self) -> dict[str, float]:
+        """Optimizer-level float32 scalars tied to no variable, with their initial values (none by default)."""
+        return {}
+
+    def update_global(self, state: State, t: jax.Array) -> State:
+        """Advances the optimizer-level state once per step, before the per-variable updates; the new values are
+        also in the `state` that `update_dense`/`update_sparse` receive (read-only there)."""
+        return state
 
     # ----- applying gradients ----------------------------------------------------------------------------
     def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = (),
@@ -157,8 +173,10 @@ class Optimizer(StateMixin, HyperparameterMixin):
             for slot, var in self._slots[i].items():
                 by_name[f"{slot}/{name}"] = var
         by_name["iterations"] = self.iterations
+        by_name.update(self._optimizer_state)
         variables = [by_name[a.name] for a in contract.args if a.role == VARIABLE]
-        state_args = [by_name[a.name] for a in contract.args if a.role in (SLOT, GRADIENT_BUFFER, COUNTER)]
+        state_args = [by_name[a.name] for a in contract.args
+                      if a.role in (SLOT, GRADIENT_BUFFER, OPTIMIZER_STATE, COUNTER)]
         results = [by_name.get(r.name) for r in contract.results if r.role != HYPERPARAMETER]
         return variables, state_args, results
 
@@ -258,18 +276,20 @@ class Optimizer(StateMixin, HyperparameterMixin):
         lr = self.learning_rate
 
         @jax.jit
-        def one(var, lr, it, *rest):
+        def one(var, lr, it, glob, *rest):
             g = rest[0].astype(ct)
             if sparse:
                 g = jnp.zeros(entry.shape, ct).at[rest[1]].add(g, mode="drop")
             g = jnp.broadcast_to(g, entry.shape)
-            state = {s: x.astype(ct) for s, x in zip(names, rest[len(arrays):], strict=True)}
+            state = {**{n: x.astype(ct) for n, x in glob.items()},
+                     **{s: x.astype(ct) for s, x in zip(names, rest[len(arrays):], strict=True)}}
             update = self.update_sparse if sparse else self.update_dense
             new_var, new_state = update(var.astype(ct), g, state, lr.astype(ct), (it + 1).astype(ct))
             return new_var.astype(var.dtype), [new_state[s].astype(var.dtype) for s in names]
 
         slots = [self._slots[index][s] for s in names]
-        new_var, new_slots = one(variable.value, lr, self.iterations.value, *arrays, *[s.value for s in slots])
+        glob = {n: v.value for n, v in self._optimizer_state.items()}
+        new_var, new_slots = one(variable.value, lr, self.iterations.value, glob, *arrays, *[s.value for s in slots])
         variable._set(jax.device_put(new_var, variable.sharding))
         for s, val in zip(slots, new_slots, strict=True):
             s._set(jax.device_put(val, s.sharding))

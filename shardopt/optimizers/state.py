@@ -34,16 +34,32 @@ class StateMixin:
     _slots: list[dict[str, Variable]]
     _var_avals: list[tuple[tuple[int, ...], np.dtype]]
     _packed: PackedState | None
+    _optimizer_state: dict[str, Variable]
+
+    def optimizer_state_init(self) -> dict[str, float]: ...  # Optimizer's hook (the definition's declaration)
 
     @property
     def variables(self) -> list[Variable]:
         """The optimizer's state in Keras order: iteration, averages, then the definition's slots."""
         return [self.iterations, *self._variables]
 
+    # The definition's slots, declared once; `build` adds each for every variable (tf-keras's names, so
+    # `get_slot(var, name)` takes them). A definition whose slots depend on its arguments overrides `slot_groups`.
+    slots: tuple[str, ...] = ()
+
     # ----- state -----------------------------------------------------------------------------------------
+    def slot_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The slots in tf-keras's build order: group by group, each group variable by variable (Adam adds
+        m and v per variable, then every vhat)."""
+        return (tuple(type(self).slots),)
+
     def slot_names(self) -> tuple[str, ...]:
         """The definition's slots, in the order `build` adds them."""
-        return ()
+        return tuple(s for group in self.slot_groups() for s in group)
+
+    def slot_initial_value(self, slot: str) -> float | None:
+        """The constant a slot starts at (None: zeros), e.g. Adagrad's `initial_accumulator_value`."""
+        return None
 
     def build(self, var_list: Sequence[Variable]) -> None:
         """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
@@ -76,6 +92,15 @@ class StateMixin:
         if self.use_ema:
             for v in var_list:
                 self.add_variable_from_reference(v, EMA_SLOT, initial_value=v.value)
+        for group in self.slot_groups():
+            for v in var_list:
+                for slot in group:
+                    fill = self.slot_initial_value(slot)
+                    self.add_variable_from_reference(
+                        v, slot, initial_value=None if fill is None else np.full(v.shape, fill, v.dtype))
+        self._optimizer_state = {
+            name: Variable(np.asarray(value, np.float32), name=name, layout=Layout.replicated(mesh, 0))
+            for name, value in self.optimizer_state_init().items()}
 
     def add_variable(self, shape: Sequence[int], dtype: Any = None, initializer: str = "zeros",
                      name: str | None = None) -> Variable:
@@ -157,6 +182,8 @@ class StateMixin:
                     return slot_var
         if name == "iterations":
             return self.iterations
+        if name in self._optimizer_state:
+            return self._optimizer_state[name]
         raise KeyError(f"no optimizer state named {name!r}")
 
     def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:
