@@ -211,3 +211,25 @@ def test_config_round_trips_with_tf_keras_keys(cls, tfk):
             assert mine[k] == pytest.approx(v) if isinstance(v, float) else mine[k] == v, k
     again = getattr(shardopt, cls).from_config(mine).get_config()
     assert again == mine
+
+
+@pytest.mark.parametrize("cls", ["Nadam", "Adagrad", "Ftrl", "RMSprop"])
+def test_functional_step_initialises_state_as_apply_gradients(cls):
+    """`compile()`'s `init` starts optimizer-level state (Nadam's u_product = 1) and constant slots (Adagrad's and
+    Ftrl's accumulators) where `build` does: 10 functional steps equal 10 `apply_gradients`, bitwise."""
+    row = next(r for r in _OPTIMIZERS_UNDER_TEST if r.cls == cls)
+    mesh = jax.make_mesh((2, 4), ("batch", "model"))
+    inits = {n: v for n, v in _inits().items() if n != "e"}
+    layouts = {n: None if spec is None else Layout(spec, mesh) for n, _, spec, _ in VARIABLES}
+    variables = {n: shardopt.Variable(inits[n], name=n, layout=layouts[n]) for n in inits}
+    opt = getattr(shardopt, cls)(mesh=mesh, **_kwargs(row, shardopt.schedules))
+    step = getattr(shardopt, cls)(mesh=mesh, **_kwargs(row, shardopt.schedules)).compile(
+        {n: shardopt.VariableSpec(v.shape, v.dtype, layouts[n]) for n, v in inits.items()})
+    params = step.place_params(inits)
+    state = step.init(params)
+    for grads in _gradients():
+        dense = {n: g for n, g in grads.items() if n in inits}
+        opt.apply_gradients([(g, variables[n]) for n, g in dense.items()])
+        params, state = step(params, dense, state)
+    for n, v in variables.items():
+        np.testing.assert_array_equal(np.asarray(params[n]), v.numpy(), err_msg=n)
