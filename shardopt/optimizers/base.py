@@ -246,9 +246,15 @@ class Optimizer(StateMixin, HyperparameterMixin):
 
     def compute_gradients(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],
                           tape: Any = None) -> list[tuple[jax.Array, Variable]]:
-        """Gradients of `loss(values)` (a callable of the variables' values, in `var_list` order) by jax.grad."""
+        """Gradients of `loss(values)` (a callable of the variables' values, in `var_list` order) by jax.grad; a
+        non-scalar loss is summed first (as `tf.GradientTape.gradient` sums its target)."""
         if not callable(loss):
             raise TypeError("loss must be a callable of the list of variable values")
+        user_loss = loss
+
+        def loss(values: list[jax.Array]) -> jax.Array:
+            return jnp.sum(user_loss(values))
+
         values = [v.value for v in var_list]
         mesh = self.mesh if self.mesh is not None else next(
             (v.layout.mesh for v in var_list if v.layout is not None), None)
@@ -301,6 +307,25 @@ class Optimizer(StateMixin, HyperparameterMixin):
             self.build([v for _, v in pairs])
         return self._packed_program(tuple(
             gradient_entry(g, v, self._entry_slots(), self._step_names[self._var_index(v)])[0] for g, v in pairs))
+
+    def get_weights(self) -> list[np.ndarray]:
+        """The values of `variables` (counter first), as numpy arrays (tf-keras's `get_weights`)."""
+        return [np.asarray(v.numpy()) for v in self.variables]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Assigns `weights` (as `get_weights` returns them) to `variables`, checking count and shapes."""
+        weights = list(weights)
+        variables = self.variables
+        if len(weights) != len(variables):
+            raise ValueError(f"You called `set_weights(weights)` on optimizer {self.name} with a weight list of "
+                             f"length {len(weights)}, but the optimizer was expecting {len(variables)} weights.")
+        for var, w in zip(variables, weights, strict=True):
+            if tuple(np.shape(w)) != tuple(var.shape):
+                raise ValueError(f"Optimizer variable {var.name} has shape {tuple(var.shape)} not compatible with "
+                                 f"provided weight shape {tuple(np.shape(w))}.")
+        with self._lock:
+            for var, w in zip(variables, weights, strict=True):
+                var.assign(np.asarray(w, var.dtype))
 
     def compile(self, specs: Any) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see
