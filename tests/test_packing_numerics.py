@@ -22,9 +22,9 @@ import re
 import jax
 import numpy as np
 import pytest
+from test_optimizers_table import ROWS, _row, run_shardopt
 
 import shardopt
-from test_optimizers_table import ROWS, _row, run_shardopt
 
 NO_FUSE_MOMENTS = ("inline-calls", "propagate-layouts", "fuse-clipping", "cleanup")
 BARE = ("inline-calls", "propagate-layouts", "cleanup")
