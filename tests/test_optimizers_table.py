@@ -139,7 +139,7 @@ def run_shardopt(row_id: str, pack_max_elements: int | None = None,
         snap = {f"var:{n}": v.numpy() for n, v in variables.items()}
         snap.update({v.name: v.numpy() for v in opt.variables if v.name != "iteration"})
         snaps.append(snap)
-    return snaps, [v.name for v in opt.variables]
+    return snaps, [v.name for v in opt.variables]  # tf-keras's names, "SGD/m/a" (without ":0")
 
 
 def run_tf_keras(row: Row, tf: Any, tfk: Any) -> tuple[list[dict[str, np.ndarray]], list[str]]:
@@ -158,10 +158,10 @@ def run_tf_keras(row: Row, tf: Any, tfk: Any) -> tuple[list[dict[str, np.ndarray
             pairs.append((g, variables[n]))
         opt.apply_gradients(pairs)
         snap = {f"var:{n}": v.numpy() for n, v in variables.items()}
-        names = [v.name.split(":")[0].removeprefix(f"{opt.name}/") for v in opt.variables]
+        names = [v.name.split(":")[0] for v in opt.variables]
         snap.update({n: v.numpy() for n, v in zip(names, opt.variables, strict=True) if n != "iteration"})
         snaps.append(snap)
-    return snaps, [v.name.split(":")[0].removeprefix(f"{opt.name}/") for v in opt.variables]
+    return snaps, [v.name.split(":")[0] for v in opt.variables]
 
 
 def assert_snaps_close(actual: list[dict[str, np.ndarray]], desired: list[dict[str, np.ndarray]],

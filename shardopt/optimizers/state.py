@@ -115,13 +115,14 @@ class StateMixin:
 
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
                                     shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
-        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given; zeros are
-        allocated only when read, or as part of the slot's pack)."""
+        """A slot named `<optimizer name>/<variable_name>/<var name>` (tf-keras builds it in the optimizer's name
+        scope: `Adam/m/dense`) with the variable's layout (zeros unless given; zeros are allocated only when
+        read, or as part of the slot's pack)."""
         shape = tuple(model_variable.shape if shape is None else shape)
         layout = model_variable.layout if shape == model_variable.shape else None
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
-        name = f"{variable_name}/{model_variable.name}"
+        name = f"{self.name}/{variable_name}/{model_variable.name}"
         if initial_value is None:
             slot = Variable.zeros(shape, model_variable.dtype, name, layout)
         else:
