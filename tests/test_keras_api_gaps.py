@@ -91,3 +91,36 @@ def test_cli_keeps_tf_keras_variable_names_flat(mesh):
     tree = cli.variable_specs({"dense/kernel:0": [4, 2], "dense/bias:0": [2], "enc/w": [3]}, mesh)
     assert set(tree) == {"dense/kernel:0", "dense/bias:0", "enc"}
     assert set(tree["enc"]) == {"w"}
+
+
+@pytest.mark.parametrize("cls", ["SGD", "Nadam", "Adagrad", "RMSprop"])
+def test_update_step_equals_one_apply_gradients(cls):
+    """`update_step` runs the definition's math alone (Nadam's u_product advanced first, as in a step)."""
+    v = shardopt.Variable(np.ones(4, np.float32), name="v")
+    w = shardopt.Variable(np.ones(4, np.float32), name="w")
+    stepped, direct = getattr(shardopt, cls)(), getattr(shardopt, cls)()
+    g = jnp.full(4, 0.5, jnp.float32)
+    stepped.apply_gradients([(g, v)])
+    direct.build([w])
+    direct.update_step(g, w)
+    np.testing.assert_array_equal(w.numpy(), v.numpy())
+
+
+@pytest.mark.tf
+def test_slot_and_unnamed_variable_names_equal_tf_keras():
+    """tf-keras names a slot `Adam/m/a` when `apply_gradients` builds (its name scope) and `m/a` after an
+    explicit `build`; an unnamed variable is `Variable`."""
+    import tensorflow as tf
+    import tf_keras
+
+    tf_vars = [tf.Variable(np.zeros(4, np.float32), name="a"), tf.Variable(np.zeros(2, np.float32))]
+    tf_opt = tf_keras.optimizers.Adam(use_ema=True)
+    tf_opt.apply_gradients([(tf.ones_like(v), v) for v in tf_vars])
+    ours = [shardopt.Variable(np.zeros(4, np.float32), name="a"), shardopt.Variable(np.zeros(2, np.float32))]
+    opt = shardopt.Adam(use_ema=True)
+    opt.apply_gradients([(jnp.ones_like(v.value), v) for v in ours])
+    assert ours[1].name == tf_vars[1].name.split(":")[0] == "Variable"
+    assert [v.name for v in opt.variables] == [v.name.split(":")[0] for v in tf_opt.variables]
+    built = shardopt.Adam()
+    built.build(ours)
+    assert [v.name for v in built.variables][1:3] == ["m/a", "v/a"]

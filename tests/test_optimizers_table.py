@@ -234,3 +234,22 @@ def test_functional_step_initialises_state_as_apply_gradients(cls):
         params, state = step(params, dense, state)
     for n, v in variables.items():
         np.testing.assert_array_equal(np.asarray(params[n]), v.numpy(), err_msg=n)
+
+
+@pytest.mark.parametrize("cls", ["Nadam", "Adagrad"])
+def test_artifact_keeps_initial_values(cls, tmp_path):
+    """A saved step restores u_product = 1 and the accumulator's constant start in a process without the
+    definition: the loaded step's `init` equals the compiled one's."""
+    mesh = jax.make_mesh((2, 4), ("batch", "model"))
+    specs = {"w": shardopt.VariableSpec((8, 4), np.float32, Layout(("batch", "model"), mesh)),
+             "b": shardopt.VariableSpec((12,), np.float32)}
+    step = getattr(shardopt, cls)(mesh=mesh).compile(specs)
+    step.save(tmp_path / "s.shardopt")
+    loaded = shardopt.load(tmp_path / "s.shardopt", mesh)
+    params = {"w": np.ones((8, 4), np.float32), "b": np.ones(12, np.float32)}
+    want, got = step.init(step.place_params(params)), loaded.init(loaded.place_params(params))
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    if cls == "Nadam":
+        assert float(want["u_product"]) == 1.0

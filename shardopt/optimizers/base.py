@@ -100,6 +100,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self._lr_array: jax.Array | None = None
         self._current_lr: jax.Array | None = None
         self._iterations: Variable | None = None
+        self._name_scope = ""  # prefix of slot names while `apply_gradients` builds (tf-keras's name scope)
         self._optimizer_state: dict[str, Variable] = {}  # optimizer-level state (Nadam's u_product), by name
         self._built = False
         self._variables: list[Variable] = []
@@ -196,7 +197,11 @@ class Optimizer(StateMixin, HyperparameterMixin):
                 self._current_lr = jnp.asarray(schedule(int(self.iterations.value)), jnp.float32)
             return self.iterations
         if not self._built:
-            self.build([v for _, v in pairs])
+            self._name_scope = f"{self.name}/"  # tf-keras builds inside apply_gradients' name scope
+            try:
+                self.build([v for _, v in pairs])
+            finally:
+                self._name_scope = ""
         index_of, avals, exact = self._index, self._var_avals, array_type()
         signature, grad_arrays, indices = [], [], []
         dropped = []
@@ -271,7 +276,8 @@ class Optimizer(StateMixin, HyperparameterMixin):
         return self.apply_gradients(self.compute_gradients(loss, var_list, tape))
 
     def update_step(self, gradient: Any, variable: Variable) -> None:
-        """The definition's update for one variable at the current step (no clipping, EMA or counter)."""
+        """The definition's update for one variable at the current step (no clipping, EMA or counter; the
+        optimizer-level state, e.g. Nadam's u_product, advances once per call)."""
         if not self._built:
             self.build([variable])
         index = self._var_index(variable)
@@ -287,15 +293,20 @@ class Optimizer(StateMixin, HyperparameterMixin):
             if sparse:
                 g = jnp.zeros(entry.shape, ct).at[rest[1]].add(g, mode="drop")
             g = jnp.broadcast_to(g, entry.shape)
+            if glob:  # optimizer-level state advances first, as in a step
+                glob = dict(self.update_global(glob, (it + 1).astype(jnp.float32)))
             state = {**{n: x.astype(ct) for n, x in glob.items()},
                      **{s: x.astype(ct) for s, x in zip(names, rest[len(arrays):], strict=True)}}
             update = self.update_sparse if sparse else self.update_dense
             new_var, new_state = update(var.astype(ct), g, state, lr.astype(ct), (it + 1).astype(ct))
-            return new_var.astype(var.dtype), [new_state[s].astype(var.dtype) for s in names]
+            return new_var.astype(var.dtype), [new_state[s].astype(var.dtype) for s in names], glob
 
         slots = [self._slots[index][s] for s in names]
         glob = {n: v.value for n, v in self._optimizer_state.items()}
-        new_var, new_slots = one(variable.value, lr, self.iterations.value, glob, *arrays, *[s.value for s in slots])
+        new_var, new_slots, new_glob = one(variable.value, lr, self.iterations.value, glob, *arrays,
+                                           *[s.value for s in slots])
+        for n, value in new_glob.items():
+            self._optimizer_state[n]._set(jax.device_put(value, self._optimizer_state[n].sharding))
         variable._set(jax.device_put(new_var, variable.sharding))
         for s, val in zip(slots, new_slots, strict=True):
             s._set(jax.device_put(val, s.sharding))

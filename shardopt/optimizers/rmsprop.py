@@ -22,7 +22,8 @@ class RMSprop(Optimizer):
 
     def __init__(self, learning_rate: Any = 0.001, rho: float = 0.9, momentum: float = 0.0,
                  epsilon: float = 1e-7, centered: bool = False, name: str = "RMSprop", **kwargs: Any):
-        kwargs.setdefault("ema_overwrite_frequency", 100)
+        if kwargs.get("ema_option") is None:  # tf-keras's default here (an EMAOption brings its own)
+            kwargs.setdefault("ema_overwrite_frequency", 100)
         super().__init__(name=name, learning_rate=learning_rate, **kwargs)
         self.rho = rho
         self.momentum = momentum

@@ -35,6 +35,7 @@ class StateMixin:
     _var_avals: list[tuple[tuple[int, ...], np.dtype]]
     _packed: PackedState | None
     _optimizer_state: dict[str, Variable]
+    _name_scope: str
 
     def optimizer_state_init(self) -> dict[str, float]: ...  # Optimizer's hook (the definition's declaration)
 
@@ -115,14 +116,15 @@ class StateMixin:
 
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
                                     shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
-        """A slot named `<optimizer name>/<variable_name>/<var name>` (tf-keras builds it in the optimizer's name
-        scope: `Adam/m/dense`) with the variable's layout (zeros unless given; zeros are allocated only when
+        """A slot named `<variable_name>/<var name>` — `<optimizer name>/<variable_name>/<var name>` when the first
+        `apply_gradients` builds (tf-keras builds inside the optimizer's name scope then: `Adam/m/dense`; an
+        explicit `build` has no scope: `m/dense`) — with the variable's layout (zeros unless given; zeros are allocated only when
         read, or as part of the slot's pack)."""
         shape = tuple(model_variable.shape if shape is None else shape)
         layout = model_variable.layout if shape == model_variable.shape else None
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
-        name = f"{self.name}/{variable_name}/{model_variable.name}"
+        name = f"{self._name_scope}{variable_name}/{model_variable.name}"
         if initial_value is None:
             slot = Variable.zeros(shape, model_variable.dtype, name, layout)
         else:
