@@ -118,8 +118,8 @@ class StateMixin:
                                     shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
         """A slot named `<variable_name>/<var name>` — `<optimizer name>/<variable_name>/<var name>` when the first
         `apply_gradients` builds (tf-keras builds inside the optimizer's name scope then: `Adam/m/dense`; an
-        explicit `build` has no scope: `m/dense`) — with the variable's layout (zeros unless given; zeros are allocated only when
-        read, or as part of the slot's pack)."""
+        explicit `build` has no scope: `m/dense`) — with the variable's layout (zeros unless given; zeros are
+        allocated only when read, or as part of the slot's pack)."""
         shape = tuple(model_variable.shape if shape is None else shape)
         layout = model_variable.layout if shape == model_variable.shape else None
         if layout is None:
