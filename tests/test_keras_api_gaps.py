@@ -124,3 +124,23 @@ def test_slot_and_unnamed_variable_names_equal_tf_keras():
     built = shardopt.Adam()
     built.build(ours)
     assert [v.name for v in built.variables][1:3] == ["m/a", "v/a"]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_exclude_from_weight_decay_by_variable_and_by_name(mesh, packed):
+    """tf-keras's `exclude_from_weight_decay`: excluded variables get the update without the decay."""
+    def run(exclude):
+        vs = [shardopt.Variable(np.ones(4, np.float32), name=n) for n in ("kernel", "bias", "gamma")]
+        opt = shardopt.SGD(learning_rate=0.1, weight_decay=0.5, mesh=mesh)
+        if not packed:
+            opt.pack_max_elements = 0
+        if exclude:
+            opt.exclude_from_weight_decay(var_list=[vs[2]], var_names=["bias"])
+        opt.apply_gradients([(jnp.zeros(4, jnp.float32), v) for v in vs])
+        with pytest.raises(ValueError, match="before the optimizer is built"):
+            opt.exclude_from_weight_decay(var_names=["x"])
+        return [v.numpy()[0] for v in vs]
+
+    decayed = np.float32(1) - np.float32(1) * np.float32(0.5) * np.float32(0.1)
+    assert run(False) == [decayed] * 3
+    assert run(True) == [decayed, 1.0, 1.0]

@@ -179,7 +179,7 @@ def update_entry(rule: UpdateRule, e: StepEntry, var: jax.Array, g: jax.Array, i
         g_c = jnp.broadcast_to(g.astype(ct), e.shape)
     else:
         g_c = _densify(g.astype(ct), idx, e.shape)
-    if rule.weight_decay is not None:
+    if rule.weight_decay is not None and e.weight_decay:
         var_c = var_c - (var_c * jnp.asarray(np.float32(rule.weight_decay), ct)) * lr_c
     if idx is None:
         var_c, state = rule.update_dense(var_c, g_c, state, lr_c, t)

@@ -10,7 +10,9 @@ level state (Nadam's momentum product) is declared by `optimizer_state_init()` a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -100,6 +102,8 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self._lr_array: jax.Array | None = None
         self._current_lr: jax.Array | None = None
         self._iterations: Variable | None = None
+        self._exclude_from_weight_decay: set[int] = set()
+        self._exclude_names: list[str] = []
         self._name_scope = ""  # prefix of slot names while `apply_gradients` builds (tf-keras's name scope)
         self._optimizer_state: dict[str, Variable] = {}  # optimizer-level state (Nadam's u_product), by name
         self._built = False
@@ -139,11 +143,32 @@ class Optimizer(StateMixin, HyperparameterMixin):
         also in the `state` that `update_dense`/`update_sparse` receive (read-only there)."""
         return state
 
+    # ----- weight decay exclusions (tf-keras's `exclude_from_weight_decay`) ------------------------------
+    def exclude_from_weight_decay(self, var_list: Sequence[Variable] | None = None,
+                                  var_names: Sequence[str] | None = None) -> None:
+        """Excludes variables from weight decay: those in `var_list`, and those whose name matches (`re.search`)
+        one of `var_names`. Only before the optimizer is built, as in tf-keras."""
+        if self._built:
+            raise ValueError("`exclude_from_weight_decay()` can only be configued before the optimizer is built.")
+        self._exclude_from_weight_decay = {id(v) for v in var_list or ()}
+        self._exclude_names = list(var_names or [])
+
+    def _use_weight_decay(self, step_name: str) -> bool:
+        """Whether the variable named `step_name` in step contracts gets weight decay."""
+        var = next((v for n, v in zip(self._step_names, self._model_variables, strict=True) if n == step_name),
+                   None)
+        if var is not None and id(var) in self._exclude_from_weight_decay:
+            return False
+        name = var.name if var is not None else step_name
+        return not any(re.search(pattern, name) is not None for pattern in self._exclude_names)
+
     # ----- applying gradients ----------------------------------------------------------------------------
     def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = (),
                  mesh: Mesh | None = None) -> StepProgram:
         """The compiled step for `entries` (cached per entries, packs, mesh and learning-rate schedule)."""
         mesh = mesh or self.mesh
+        if self.weight_decay is not None and (self._exclude_from_weight_decay or self._exclude_names):
+            entries = tuple(dataclasses.replace(e, weight_decay=self._use_weight_decay(e.name)) for e in entries)
         key = (entries, packs, _mesh_key(mesh), self._schedule_key())
         program = self._programs.get(key)
         if program is None:
