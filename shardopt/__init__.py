@@ -15,6 +15,15 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (a module itself when the name is the module's last component)
 _EXPORTS: dict[str, str] = {
     "Adam": "shardopt.optimizers.adam",
+    "SGD": "shardopt.optimizers.sgd",
+    "AdamW": "shardopt.optimizers.adamw",
+    "RMSprop": "shardopt.optimizers.rmsprop",
+    "Adagrad": "shardopt.optimizers.adagrad",
+    "Adadelta": "shardopt.optimizers.adadelta",
+    "Adamax": "shardopt.optimizers.adamax",
+    "Nadam": "shardopt.optimizers.nadam",
+    "Ftrl": "shardopt.optimizers.ftrl",
+    "Lion": "shardopt.optimizers.lion",
     "ArtifactError": "shardopt.core.errors",
     "EMAOption": "shardopt.frontend.options",
     "GradientsClipOption": "shardopt.frontend.options",
@@ -35,9 +44,10 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
-    "Adam", "ArtifactError", "EMAOption", "GradientsClipOption", "IndexedSlices", "Layout", "Optimizer", "PassError",
-    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules",
-    "tf_keras", "__version__",
+    "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl", "GradientsClipOption",
+    "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD", "StepContract",
+    "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules", "tf_keras",
+    "__version__",
 ]
 
 
@@ -62,8 +72,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from shardopt.core.specs import IndexedSlices, VariableSpec
     from shardopt.frontend import schedules
     from shardopt.frontend.options import EMAOption, GradientsClipOption
+    from shardopt.optimizers.adadelta import Adadelta
+    from shardopt.optimizers.adagrad import Adagrad
     from shardopt.optimizers.adam import Adam
+    from shardopt.optimizers.adamax import Adamax
+    from shardopt.optimizers.adamw import AdamW
     from shardopt.optimizers.base import Optimizer
+    from shardopt.optimizers.ftrl import Ftrl
+    from shardopt.optimizers.lion import Lion
+    from shardopt.optimizers.nadam import Nadam
+    from shardopt.optimizers.rmsprop import RMSprop
+    from shardopt.optimizers.sgd import SGD
     from shardopt.optimizers.variables import Variable
     from shardopt.runtime.functional import load
     from shardopt.runtime.jax_embed import as_optax

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -98,8 +99,14 @@ def optimizer_config(doc: Any) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"--config: expected a JSON object (an optimizer's get_config()), got {type(doc).__name__}")
     if isinstance(doc.get("config"), dict) and "class_name" in doc:
         class_name, config = str(doc["class_name"]), dict(doc["config"])
-    else:
-        class_name, config = DEFAULT_OPTIMIZER, dict(doc)
+    else:  # a bare get_config(): its `name` says the class ("AdamW" in tf-keras, "adamw" in Keras 3)
+        config = dict(doc)
+        class_name = DEFAULT_OPTIMIZER
+        if isinstance(config.get("name"), str):
+            from shardopt.optimizers import _classes
+
+            known = _classes().get(config["name"].lower())
+            class_name = known.__name__ if known is not None else DEFAULT_OPTIMIZER
     class_name = class_name.rsplit(">", 1)[-1].rsplit(".", 1)[-1]  # "Custom>Adam", "keras.optimizers.Adam"
     for key, neutral in _NEUTRAL_KERAS3.items():
         if key in config:
@@ -111,14 +118,9 @@ def optimizer_config(doc: Any) -> tuple[str, dict[str, Any]]:
 
 def optimizer_class(name: str) -> type:
     """The shardopt optimizer class called `name` (case-insensitive)."""
-    import shardopt
-    from shardopt.optimizers.base import Optimizer
+    from shardopt.optimizers import _classes
 
-    known = {}
-    for export in shardopt.__all__:
-        obj = getattr(shardopt, export)
-        if isinstance(obj, type) and issubclass(obj, Optimizer) and obj is not Optimizer:
-            known[export.lower()] = obj
+    known = _classes()
     if name.lower() not in known:
         have = sorted(c.__name__ for c in known.values())
         raise ValueError(f"--config: unknown optimizer class {name!r}; shardopt has {have}")
@@ -142,7 +144,8 @@ def variable_specs(doc: Any, mesh: Any) -> dict[str, Any]:
         if layout is not None:
             layout = Layout([UNSHARDED if a is None else a for a in layout], mesh)
         leaf = VariableSpec(tuple(spec["shape"]), spec.get("dtype", "float32"), layout)
-        *parents, last = name.split("/")
+        # a tf-keras variable name (`dense/kernel:0`) is one flat name; other slashes nest
+        *parents, last = [name] if re.search(r":\d+$", name) else name.split("/")
         node = tree
         for p in parents:
             node = node.setdefault(p, {})

@@ -262,7 +262,7 @@ def run_shardopt(key: str) -> tuple[list[dict[str, Any]], Any]:
                 pairs.append((g, variables[n]))
             opt.apply_gradients(pairs)
             snap = {f"var:{n}": v.numpy() for n, v in variables.items()}
-            snap.update({v.name: v.numpy() for v in opt.variables})
+            snap.update({v.name.removeprefix(f"{opt.name}/"): v.numpy() for v in opt.variables})
             snap["iteration"] = int(snap["iteration"])
             snap["lr"] = np.float32(opt.learning_rate)
             snaps.append(snap)

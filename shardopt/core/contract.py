@@ -94,6 +94,7 @@ class StepEntry:
     grad_shape: tuple[int, ...] | None = None  # dense gradients may broadcast to the variable's shape
     index_dtype: str = "int32"
     slot_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # slots whose shape differs from the variable's
+    weight_decay: bool = True        # False: excluded from the optimizer's weight decay (exclude_from_weight_decay)
 
     def slot_shape(self, slot: str) -> tuple[int, ...]:
         return dict(self.slot_shapes).get(slot, self.shape)

@@ -5,6 +5,7 @@ Each function takes the raw gradients (dense arrays, or the `values` of sparse o
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -15,7 +16,7 @@ def clip_by_norm(x: Array, clip_norm: float) -> Array:
     l2sum = jnp.sum(x * x)
     positive = l2sum > 0
     l2norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, l2sum, jnp.ones_like(l2sum))), l2sum)
-    return (x * c) / jnp.maximum(l2norm, c)
+    return (x * c) / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.maximum(l2norm, c), x.shape))
 
 
 def global_norm(xs: list[Array]) -> Array:

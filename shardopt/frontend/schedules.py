@@ -73,21 +73,21 @@ def _positive(arg: str, value: Any) -> int | float:
 
 
 def _check_step(step: Any) -> Any:
-    """Reject steps that are not integers: the optimizer's step counter is always integral."""
+    """Reject steps that are not numbers; a float step is accepted (tf-keras and Keras 3 cast it to float32)."""
     if isinstance(step, bool | np.bool_):
-        raise TypeError(f"The schedule step must be an integer, not a bool. Received: {step!r}")
-    if isinstance(step, int | np.integer):
+        raise TypeError(f"The schedule step must be a number, not a bool. Received: {step!r}")
+    if isinstance(step, int | np.integer | float | np.floating):
         return step
     dtype = getattr(step, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"The schedule step must be an integer scalar or array. Received: {step!r}")
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"The schedule step must be an integer or float scalar or array. Received: {step!r}")
     return step
 
 
 def _float_step(step: Any) -> jax.Array:
     """``float32(step)``, rounded as tf.cast rounds, without overflowing a Python int into int32 first."""
     step = _check_step(step)
-    if isinstance(step, int | np.integer | np.ndarray):
+    if isinstance(step, int | np.integer | float | np.floating | np.ndarray):
         return jnp.asarray(np.asarray(step).astype(np.float32))
     return jnp.asarray(step).astype(jnp.float32)
 
@@ -166,6 +166,13 @@ class PiecewiseConstantDecay(LearningRateSchedule):
 
     def __call__(self, step: Any) -> jax.Array:
         step = _check_step(step)
+        if jnp.issubdtype(getattr(step, "dtype", None) or np.result_type(step), jnp.floating):
+            # a float step (tf-keras casts the boundaries to float32, the step's dtype, and compares)
+            step = jnp.asarray(step, jnp.float32)
+            result = jnp.full(step.shape, np.float32(self.values[-1]))
+            for b, v in zip(reversed(self.boundaries), reversed(self.values[:-1]), strict=True):
+                result = jnp.where(step <= np.float32(b), np.float32(v), result)
+            return result
         concrete = isinstance(step, int | np.integer | np.ndarray)
         xp = np if concrete else jnp
         step = np.asarray(step, dtype=np.int64) if concrete else jnp.asarray(step)
@@ -301,11 +308,13 @@ def serialize(schedule: LearningRateSchedule) -> dict[str, Any]:
     """The dict ``tf_keras.optimizers.schedules.serialize`` gives for the equivalent tf-keras schedule."""
     if not is_schedule(schedule):
         raise TypeError(f"Expected a LearningRateSchedule, got {type(schedule).__name__}: {schedule!r}")
-    return {
-        "module": _MODULE,
-        "class_name": type(schedule).__name__,
+    name = type(schedule).__name__
+    builtin = _BUILTIN.get(name) is type(schedule)
+    return {  # a user's schedule: no module, registered under its class name (as tf-keras writes it)
+        "module": _MODULE if builtin else None,
+        "class_name": name,
         "config": schedule.get_config(),
-        "registered_name": None,
+        "registered_name": None if builtin else name,
     }
 
 

@@ -23,6 +23,7 @@ from shardopt.core.contract import (
     EMA_SLOT,
     GRADIENT_BUFFER,
     LEARNING_RATE_NAME,
+    OPTIMIZER_STATE,
     SLOT,
     StepContract,
     StepEntry,
@@ -50,6 +51,8 @@ class UpdateRule(Protocol):
 
     def update_sparse(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
                       ) -> tuple[jax.Array, State]: ...
+
+    def update_global(self, state: State, t: jax.Array) -> State: ...
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -87,9 +90,15 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
                 slots[e.name] = {s: pack.unpack(arg[f"{s}/{pack.name}"], index) for s in e.slots}
         variables = {e.name: arg[e.name] for e in entries}
         grads = [(arg[gradient_name(e.name)], arg.get(f"grad_indices/{e.name}")) for e in entries]
-        new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr)
+        # Optimizer-level state advances once per step, before the variables; they read its new values.
+        glob = {a.name: arg[a.name] for a in contract.args_with_role(OPTIMIZER_STATE)}
+        if glob:
+            glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
+        new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
+                                              glob)
 
         out: dict[str, jax.Array] = dict(new_vars)
+        out.update(glob)
         for e in entries:
             if e.name not in members:
                 out.update({f"{s}/{e.name}": new_slots[e.name][s] for s in e.slots})
@@ -125,8 +134,8 @@ def _gathered_gradients(pack: PackGroup, entries: list[StepEntry],
 
 def _update_entries(rule: UpdateRule, update: Callable[..., Any], entries: list[StepEntry],
                     variables: dict[str, jax.Array], grads: list[tuple[jax.Array, jax.Array | None]],
-                    slots: dict[str, dict[str, jax.Array]], iterations: jax.Array, lr: jax.Array
-                    ) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
+                    slots: dict[str, dict[str, jax.Array]], iterations: jax.Array, lr: jax.Array,
+                    glob: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
     """Clipping, densifying, weight decay, the definition's update and EMA for every entry (by name)."""
     # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm of 256,
     # which would turn every gradient into NaN (global) or zero (per tensor).
@@ -141,7 +150,7 @@ def _update_entries(rule: UpdateRule, update: Callable[..., Any], entries: list[
         if ct not in per_dtype:
             per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
         new_vars[e.name], new_slots[e.name] = update(dataclasses.replace(e, name=""), variables[e.name], g, idx,
-                                                     slots[e.name], *per_dtype[ct], iterations)
+                                                     slots[e.name], *per_dtype[ct], iterations, glob)
     return new_vars, new_slots
 
 
@@ -158,23 +167,25 @@ def _traced_once(rule: UpdateRule) -> Callable[..., Any]:
 
 
 def update_entry(rule: UpdateRule, e: StepEntry, var: jax.Array, g: jax.Array, idx: jax.Array | None,
-                 own_slots: dict[str, jax.Array], t: jax.Array, lr_c: jax.Array, iterations: jax.Array
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Densifying, weight decay, the definition's update and EMA for one variable."""
+                 own_slots: dict[str, jax.Array], t: jax.Array, lr_c: jax.Array, iterations: jax.Array,
+                 glob: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Densifying, weight decay, the definition's update and EMA for one variable (`glob`: the optimizer-level
+    state after this step's `update_global`, given to the definition beside the slots, read-only)."""
     ct = compute_dtype(e.dtype)
     var_c = var.astype(ct)
-    state = {s: own_slots[s].astype(ct) for s in e.slots if s != EMA_SLOT}
+    own = [s for s in e.slots if s != EMA_SLOT]
+    state = {**{k: v.astype(ct) for k, v in (glob or {}).items()}, **{s: own_slots[s].astype(ct) for s in own}}
     if idx is None:
         g_c = jnp.broadcast_to(g.astype(ct), e.shape)
     else:
         g_c = _densify(g.astype(ct), idx, e.shape)
-    if rule.weight_decay is not None:
+    if rule.weight_decay is not None and e.weight_decay:
         var_c = var_c - (var_c * jnp.asarray(np.float32(rule.weight_decay), ct)) * lr_c
     if idx is None:
         var_c, state = rule.update_dense(var_c, g_c, state, lr_c, t)
     else:
         var_c, state = rule.update_sparse(var_c, g_c, state, lr_c, t)
-    out_slots = {s: v.astype(e.dtype) for s, v in state.items()}
+    out_slots = {s: state[s].astype(e.dtype) for s in own}
     if rule.use_ema:
         avg = own_slots[EMA_SLOT].astype(ct)
         avg = jnp.asarray(rule.ema_momentum, ct) * avg + jnp.asarray(1 - rule.ema_momentum, ct) * var_c

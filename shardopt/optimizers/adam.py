@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from shardopt.frontend import options
 from shardopt.optimizers.base import Optimizer, State
@@ -33,27 +32,10 @@ class Adam(Optimizer):
         epsilon: float = 1e-7,
         adaptive_epsilon: bool = False,
         amsgrad: bool = False,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        use_ema: bool = False,
-        ema_momentum: float = 0.99,
-        ema_overwrite_frequency: int | None = None,
-        jit_compile: bool = True,
         name: str = "Adam",
-        mesh: Mesh | None = None,
-        gradients_clip_option: options.GradientsClipOption | None = None,
-        ema_option: options.EMAOption | None = None,
         **kwargs: Any,
     ):
-        super().__init__(
-            name=name, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency, jit_compile=jit_compile, mesh=mesh,
-            gradients_clip_option=gradients_clip_option, ema_option=ema_option, **kwargs,
-        )
-        self._learning_rate = self._build_learning_rate(learning_rate)
+        super().__init__(name=name, learning_rate=learning_rate, **kwargs)
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.epsilon = epsilon
@@ -61,19 +43,8 @@ class Adam(Optimizer):
         self.amsgrad = amsgrad
         options.check_adam_hyperparameters(self)
 
-    def slot_names(self) -> tuple[str, ...]:
-        return ("m", "v", "vhat") if self.amsgrad else ("m", "v")
-
-    def build(self, var_list: Any) -> None:
-        if self._built:
-            return
-        super().build(var_list)
-        for var in self._model_variables:
-            self.add_variable_from_reference(var, "m")
-            self.add_variable_from_reference(var, "v")
-        if self.amsgrad:
-            for var in self._model_variables:
-                self.add_variable_from_reference(var, "vhat")
+    def slot_groups(self) -> tuple[tuple[str, ...], ...]:
+        return (("m", "v"), ("vhat",)) if self.amsgrad else (("m", "v"),)
 
     def _alpha_eps(self, lr: jax.Array, t: jax.Array, dt: Any) -> tuple[jax.Array, jax.Array]:
         b1_power = jnp.power(_via_float32(self.beta_1, dt), t)

@@ -1,13 +1,18 @@
 """The Keras-shaped optimizer base class: state, `apply_gradients`, config; the math lives in definitions.
 
-A definition (Adam, and later SGD, AdamW, ...) subclasses `Optimizer`, adds its slots in `build`, and implements
-`update_dense` (and `update_sparse` when its sparse rounding differs) as pure jnp functions of one variable.
-Everything else — clipping, EMA, schedules, the counter, lowering, passes, execution — is shared.
+A definition (Adam, SGD, ...) subclasses `Optimizer`, passes its default learning rate and name and forwards the
+shared arguments (`**kwargs`) to `Optimizer.__init__`, declares its slots once (the class attribute `slots`, or
+`slot_groups()` when they depend on arguments; the base's `build` creates them), and implements `update_dense`
+(and `update_sparse` when tf-keras's sparse rounding differs) as pure jnp functions of one variable. Optimizer-
+level state (Nadam's momentum product) is declared by `optimizer_state_init()` and advanced once per step by
+`update_global`. Everything else — clipping, EMA, schedules, the counter, lowering, passes, execution — is shared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,6 +27,7 @@ from shardopt.core.contract import (
     COUNTER,
     GRADIENT_BUFFER,
     HYPERPARAMETER,
+    OPTIMIZER_STATE,
     SLOT,
     VARIABLE,
     StepContract,
@@ -58,6 +64,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
     def __init__(
         self,
         name: str,
+        learning_rate: Any = 0.001,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -80,6 +87,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         options.check_ema(ema["use_ema"], ema["ema_momentum"], ema["ema_overwrite_frequency"])
         options.check_clip(clip["clipnorm"], clip["clipvalue"], clip["global_clipnorm"])
         options.check_kwargs(dict(kwargs))
+        learning_rate = options.learning_rate_value(learning_rate)  # tf-keras checks it after the kwargs
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         self.name = name
@@ -93,10 +101,14 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self.jit_compile = jit_compile
         self.mesh = mesh
         self.pipeline: tuple[str, ...] = DEFAULT_PIPELINE
-        self._learning_rate: Any = np.float32(0.001)
+        self._learning_rate: Any = learning_rate
         self._lr_array: jax.Array | None = None
         self._current_lr: jax.Array | None = None
         self._iterations: Variable | None = None
+        self._exclude_from_weight_decay: set[int] = set()
+        self._exclude_names: list[str] = []
+        self._name_scope = ""  # prefix of slot names while `apply_gradients` builds (tf-keras's name scope)
+        self._optimizer_state: dict[str, Variable] = {}  # optimizer-level state (Nadam's u_product), by name
         self._built = False
         self._variables: list[Variable] = []
         self._index: dict[int, int] = {}
@@ -125,11 +137,41 @@ class Optimizer(StateMixin, HyperparameterMixin):
         """The update for a de-duplicated sparse gradient given densely (zero rows elsewhere)."""
         return self.update_dense(var, grad, state, lr, t)
 
+    def optimizer_state_init(self) -> dict[str, float]:
+        """Optimizer-level float32 scalars tied to no variable, with their initial values (none by default)."""
+        return {}
+
+    def update_global(self, state: State, t: jax.Array) -> State:
+        """Advances the optimizer-level state once per step, before the per-variable updates; the new values are
+        also in the `state` that `update_dense`/`update_sparse` receive (read-only there)."""
+        return state
+
+    # ----- weight decay exclusions (tf-keras's `exclude_from_weight_decay`) ------------------------------
+    def exclude_from_weight_decay(self, var_list: Sequence[Variable] | None = None,
+                                  var_names: Sequence[str] | None = None) -> None:
+        """Excludes variables from weight decay: those in `var_list`, and those whose name matches (`re.search`)
+        one of `var_names`. Only before the optimizer is built, as in tf-keras."""
+        if self._built:
+            raise ValueError("`exclude_from_weight_decay()` can only be configued before the optimizer is built.")
+        self._exclude_from_weight_decay = {id(v) for v in var_list or ()}
+        self._exclude_names = list(var_names or [])
+
+    def _use_weight_decay(self, step_name: str) -> bool:
+        """Whether the variable named `step_name` in step contracts gets weight decay."""
+        var = next((v for n, v in zip(self._step_names, self._model_variables, strict=True) if n == step_name),
+                   None)
+        if var is not None and id(var) in self._exclude_from_weight_decay:
+            return False
+        name = var.name if var is not None else step_name
+        return not any(re.search(pattern, name) is not None for pattern in self._exclude_names)
+
     # ----- applying gradients ----------------------------------------------------------------------------
     def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = (),
                  mesh: Mesh | None = None) -> StepProgram:
         """The compiled step for `entries` (cached per entries, packs, mesh and learning-rate schedule)."""
         mesh = mesh or self.mesh
+        if self.weight_decay is not None and (self._exclude_from_weight_decay or self._exclude_names):
+            entries = tuple(dataclasses.replace(e, weight_decay=self._use_weight_decay(e.name)) for e in entries)
         key = (entries, packs, _mesh_key(mesh), self._schedule_key())
         program = self._programs.get(key)
         if program is None:
@@ -163,8 +205,10 @@ class Optimizer(StateMixin, HyperparameterMixin):
             for slot, var in self._slots[i].items():
                 by_name[f"{slot}/{name}"] = var
         by_name["iterations"] = self.iterations
+        by_name.update(self._optimizer_state)
         variables = [by_name[a.name] for a in contract.args if a.role == VARIABLE]
-        state_args = [by_name[a.name] for a in contract.args if a.role in (SLOT, GRADIENT_BUFFER, COUNTER)]
+        state_args = [by_name[a.name] for a in contract.args
+                      if a.role in (SLOT, GRADIENT_BUFFER, OPTIMIZER_STATE, COUNTER)]
         results = [by_name.get(r.name) for r in contract.results if r.role != HYPERPARAMETER]
         return variables, state_args, results
 
@@ -184,7 +228,11 @@ class Optimizer(StateMixin, HyperparameterMixin):
                 self._current_lr = jnp.asarray(schedule(int(self.iterations.value)), jnp.float32)
             return self.iterations
         if not self._built:
-            self.build([v for _, v in pairs])
+            self._name_scope = f"{self.name}/"  # tf-keras builds inside apply_gradients' name scope
+            try:
+                self.build([v for _, v in pairs])
+            finally:
+                self._name_scope = ""
         index_of, avals, exact = self._index, self._var_avals, array_type()
         signature, grad_arrays, indices = [], [], []
         dropped = []
@@ -234,9 +282,15 @@ class Optimizer(StateMixin, HyperparameterMixin):
 
     def compute_gradients(self, loss: Callable[[list[jax.Array]], jax.Array], var_list: Sequence[Variable],
                           tape: Any = None) -> list[tuple[jax.Array, Variable]]:
-        """Gradients of `loss(values)` (a callable of the variables' values, in `var_list` order) by jax.grad."""
+        """Gradients of `loss(values)` (a callable of the variables' values, in `var_list` order) by jax.grad; a
+        non-scalar loss is summed first (as `tf.GradientTape.gradient` sums its target)."""
         if not callable(loss):
             raise TypeError("loss must be a callable of the list of variable values")
+        user_loss = loss
+
+        def loss(values: list[jax.Array]) -> jax.Array:
+            return jnp.sum(user_loss(values))
+
         values = [v.value for v in var_list]
         mesh = self.mesh if self.mesh is not None else next(
             (v.layout.mesh for v in var_list if v.layout is not None), None)
@@ -253,7 +307,8 @@ class Optimizer(StateMixin, HyperparameterMixin):
         return self.apply_gradients(self.compute_gradients(loss, var_list, tape))
 
     def update_step(self, gradient: Any, variable: Variable) -> None:
-        """The definition's update for one variable at the current step (no clipping, EMA or counter)."""
+        """The definition's update for one variable at the current step (no clipping, EMA or counter; the
+        optimizer-level state, e.g. Nadam's u_product, advances once per call)."""
         if not self._built:
             self.build([variable])
         index = self._var_index(variable)
@@ -264,18 +319,25 @@ class Optimizer(StateMixin, HyperparameterMixin):
         lr = self.learning_rate
 
         @jax.jit
-        def one(var, lr, it, *rest):
+        def one(var, lr, it, glob, *rest):
             g = rest[0].astype(ct)
             if sparse:
                 g = jnp.zeros(entry.shape, ct).at[rest[1]].add(g, mode="drop")
             g = jnp.broadcast_to(g, entry.shape)
-            state = {s: x.astype(ct) for s, x in zip(names, rest[len(arrays):], strict=True)}
+            if glob:  # optimizer-level state advances first, as in a step
+                glob = dict(self.update_global(glob, (it + 1).astype(jnp.float32)))
+            state = {**{n: x.astype(ct) for n, x in glob.items()},
+                     **{s: x.astype(ct) for s, x in zip(names, rest[len(arrays):], strict=True)}}
             update = self.update_sparse if sparse else self.update_dense
             new_var, new_state = update(var.astype(ct), g, state, lr.astype(ct), (it + 1).astype(ct))
-            return new_var.astype(var.dtype), [new_state[s].astype(var.dtype) for s in names]
+            return new_var.astype(var.dtype), [new_state[s].astype(var.dtype) for s in names], glob
 
         slots = [self._slots[index][s] for s in names]
-        new_var, new_slots = one(variable.value, lr, self.iterations.value, *arrays, *[s.value for s in slots])
+        glob = {n: v.value for n, v in self._optimizer_state.items()}
+        new_var, new_slots, new_glob = one(variable.value, lr, self.iterations.value, glob, *arrays,
+                                           *[s.value for s in slots])
+        for n, value in new_glob.items():
+            self._optimizer_state[n]._set(jax.device_put(value, self._optimizer_state[n].sharding))
         variable._set(jax.device_put(new_var, variable.sharding))
         for s, val in zip(slots, new_slots, strict=True):
             s._set(jax.device_put(val, s.sharding))
@@ -291,6 +353,25 @@ class Optimizer(StateMixin, HyperparameterMixin):
     # checkpoints (optimizers/checkpoint.py): named, sharded state arrays; restore validates and lays them out
     state_dict, load_state_dict, state_dict_specs = (checkpoint.state_dict, checkpoint.load_state_dict,
                                                      checkpoint.state_dict_specs)
+
+    def get_weights(self) -> list[np.ndarray]:
+        """The values of `variables` (counter first), as numpy arrays (tf-keras's `get_weights`)."""
+        return [np.asarray(v.numpy()) for v in self.variables]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Assigns `weights` (as `get_weights` returns them) to `variables`, checking count and shapes."""
+        weights = list(weights)
+        variables = self.variables
+        if len(weights) != len(variables):
+            raise ValueError(f"You called `set_weights(weights)` on optimizer {self.name} with a weight list of "
+                             f"length {len(weights)}, but the optimizer was expecting {len(variables)} weights.")
+        for var, w in zip(variables, weights, strict=True):
+            if tuple(np.shape(w)) != tuple(var.shape):
+                raise ValueError(f"Optimizer variable {var.name} has shape {tuple(var.shape)} not compatible with "
+                                 f"provided weight shape {tuple(np.shape(w))}.")
+        with self._lock:
+            for var, w in zip(variables, weights, strict=True):
+                var.assign(np.asarray(w, var.dtype))
 
     def compile(self, specs: Any) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see

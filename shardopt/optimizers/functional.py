@@ -14,7 +14,13 @@ from shardopt.core.layout import Layout, as_layout, auto_mesh, default_mesh, sam
 from shardopt.core.packing import plan_packs
 from shardopt.core.specs import VariableSpec
 from shardopt.optimizers.variables import Variable
-from shardopt.runtime.functional import SLOT_INIT_FROM_VARIABLE, SLOT_INIT_ZEROS, FunctionalStep, path_name
+from shardopt.runtime.functional import (
+    SLOT_INIT_FROM_VARIABLE,
+    SLOT_INIT_ZEROS,
+    FunctionalStep,
+    fill_init,
+    path_name,
+)
 
 
 def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optimizers.base.Optimizer
@@ -59,7 +65,18 @@ def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optim
     return FunctionalStep(
         executable=program.executable, treedef=treedef, names=tuple(names),
         slot_names=opt._entry_slots(),
-        slot_init={s: (SLOT_INIT_FROM_VARIABLE if s == EMA_SLOT else SLOT_INIT_ZEROS) for s in opt._entry_slots()},
+        slot_init=_initial_values(opt),
         initial_learning_rate=None if schedule is not None else float(opt._learning_rate),
         optimizer_config=opt.get_config(), pipeline=tuple(opt.pipeline), program=program,
         optimizer_class=type(opt).__name__)
+
+
+def _initial_values(opt: Any) -> dict[str, str]:
+    """How each slot and each optimizer-level state starts, as `FunctionalStep.slot_init` records it."""
+    init: dict[str, str] = {}
+    for s in opt._entry_slots():
+        fill = None if s == EMA_SLOT else opt.slot_initial_value(s)
+        init[s] = SLOT_INIT_FROM_VARIABLE if s == EMA_SLOT else SLOT_INIT_ZEROS if fill is None else fill_init(fill)
+    for name, value in opt.optimizer_state_init().items():
+        init[name] = fill_init(value)
+    return init

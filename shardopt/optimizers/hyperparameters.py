@@ -58,8 +58,10 @@ class HyperparameterMixin:
     @property
     def iterations(self) -> Variable:
         """The step counter (int64 with jax x64 enabled, int32 otherwise)."""
-        if self._iterations is None:
-            self._iterations = Variable(np.asarray(0, counter_dtype()), name="iteration")
+        if self._iterations is None:  # laid out (replicated) at once with mesh=, as tf-keras DTensor does
+            mesh = self.mesh
+            self._iterations = Variable(np.asarray(0, counter_dtype()), name="iteration",
+                                        layout=None if mesh is None else Layout.replicated(mesh, 0))
         return self._iterations
 
     @iterations.setter
@@ -68,7 +70,8 @@ class HyperparameterMixin:
             raise RuntimeError("Cannot set `iterations` to a new Variable after the Optimizer weights have "
                                "been created. Here it is attempting to set `iterations` after build().")
         raw = value.value if isinstance(value, Variable) else value
-        self._iterations = Variable(np.asarray(raw, counter_dtype()), name="iteration")
+        self._iterations = Variable(np.asarray(raw, counter_dtype()), name="iteration",
+                                    layout=None if self.mesh is None else Layout.replicated(self.mesh, 0))
 
     def _schedule(self) -> schedules.LearningRateSchedule | None:
         lr = self._learning_rate
@@ -114,5 +117,5 @@ class HyperparameterMixin:
         """Rebuilds an optimizer from `get_config()` output (a dict learning rate is a serialized schedule)."""
         config = dict(config)
         if isinstance(config.get("learning_rate"), dict):
-            config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"], custom_objects=custom_objects)
         return cls(**config)

@@ -34,16 +34,33 @@ class StateMixin:
     _slots: list[dict[str, Variable]]
     _var_avals: list[tuple[tuple[int, ...], np.dtype]]
     _packed: PackedState | None
+    _optimizer_state: dict[str, Variable]
+    _name_scope: str
+
+    def optimizer_state_init(self) -> dict[str, float]: ...  # Optimizer's hook (the definition's declaration)
 
     @property
     def variables(self) -> list[Variable]:
         """The optimizer's state in Keras order: iteration, averages, then the definition's slots."""
         return [self.iterations, *self._variables]
 
+    # The definition's slots, declared once; `build` adds each for every variable (tf-keras's names, so
+    # `get_slot(var, name)` takes them). A definition whose slots depend on its arguments overrides `slot_groups`.
+    slots: tuple[str, ...] = ()
+
     # ----- state -----------------------------------------------------------------------------------------
+    def slot_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The slots in tf-keras's build order: group by group, each group variable by variable (Adam adds
+        m and v per variable, then every vhat)."""
+        return (tuple(type(self).slots),)
+
     def slot_names(self) -> tuple[str, ...]:
         """The definition's slots, in the order `build` adds them."""
-        return ()
+        return tuple(s for group in self.slot_groups() for s in group)
+
+    def slot_initial_value(self, slot: str) -> float | None:
+        """The constant a slot starts at (None: zeros), e.g. Adagrad's `initial_accumulator_value`."""
+        return None
 
     def build(self, var_list: Sequence[Variable]) -> None:
         """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
@@ -76,6 +93,15 @@ class StateMixin:
         if self.use_ema:
             for v in var_list:
                 self.add_variable_from_reference(v, EMA_SLOT, initial_value=v.value)
+        for group in self.slot_groups():
+            for v in var_list:
+                for slot in group:
+                    fill = self.slot_initial_value(slot)
+                    self.add_variable_from_reference(
+                        v, slot, initial_value=None if fill is None else np.full(v.shape, fill, v.dtype))
+        self._optimizer_state = {
+            name: Variable(np.asarray(value, np.float32), name=name, layout=Layout.replicated(mesh, 0))
+            for name, value in self.optimizer_state_init().items()}
 
     def add_variable(self, shape: Sequence[int], dtype: Any = None, initializer: str = "zeros",
                      name: str | None = None) -> Variable:
@@ -90,13 +116,15 @@ class StateMixin:
 
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
                                     shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
-        """A slot named `<variable_name>/<var name>` with the variable's layout (zeros unless given; zeros are
+        """A slot named `<variable_name>/<var name>` — `<optimizer name>/<variable_name>/<var name>` when the first
+        `apply_gradients` builds (tf-keras builds inside the optimizer's name scope then: `Adam/m/dense`; an
+        explicit `build` has no scope: `m/dense`) — with the variable's layout (zeros unless given; zeros are
         allocated only when read, or as part of the slot's pack)."""
         shape = tuple(model_variable.shape if shape is None else shape)
         layout = model_variable.layout if shape == model_variable.shape else None
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
-        name = f"{variable_name}/{model_variable.name}"
+        name = f"{self._name_scope}{variable_name}/{model_variable.name}"
         if initial_value is None:
             slot = Variable.zeros(shape, model_variable.dtype, name, layout)
         else:
@@ -157,6 +185,8 @@ class StateMixin:
                     return slot_var
         if name == "iterations":
             return self.iterations
+        if name in self._optimizer_state:
+            return self._optimizer_state[name]
         raise KeyError(f"no optimizer state named {name!r}")
 
     def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:

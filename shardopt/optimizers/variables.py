@@ -7,7 +7,6 @@ read, so creating the slots of thousands of small variables costs nothing and pa
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import jax
@@ -17,8 +16,6 @@ from jax.sharding import Mesh
 
 from shardopt.core.layout import Layout, as_layout
 from shardopt.core.specs import IndexedSlices, VariableSpec  # re-exported: users import them from here too
-
-_unnamed = itertools.count()
 
 
 class Variable:
@@ -37,7 +34,7 @@ class Variable:
         mesh: Mesh | None = None,
     ):
         value = jnp.asarray(initial_value, dtype=dtype) if dtype is not None else jnp.asarray(initial_value)
-        self.name = name if name is not None else f"Variable_{next(_unnamed)}"
+        self.name = name if name is not None else "Variable"  # as tf.Variable names it (eager: never numbered)
         self.trainable = trainable
         self._layout: Layout | None = as_layout(layout, mesh, value.ndim)
         if self._layout is not None:

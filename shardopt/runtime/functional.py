@@ -37,9 +37,15 @@ from shardopt.core.paths import path_name
 from shardopt.runtime import artifact
 from shardopt.runtime.executable import CompiledStep
 
-# How each slot starts: zeros, or a copy of its variable (the EMA average).
+# How each slot starts: zeros, or a copy of its variable (the EMA average), or `fill_init(c)`: the constant c
+# (Adagrad's accumulator; also optimizer-level state, keyed by its name, e.g. Nadam's u_product = 1).
 SLOT_INIT_FROM_VARIABLE = "variable"
 SLOT_INIT_ZEROS = "zeros"
+SLOT_INIT_FILL = "fill:"
+
+
+def fill_init(value: float) -> str:
+    return f"{SLOT_INIT_FILL}{float(value)!r}"
 
 State = dict[str, Any]
 CHECKPOINT_COUNTER = "iteration"  # tf-keras's name of the counter variable
@@ -138,6 +144,9 @@ class FunctionalStep:
                 group = self.contract.pack(spec.pack)
                 return _packer(group)([jnp.asarray(values[m.name], dtype) for m in group.members])
             return jnp.array(values[spec.owner], dtype=dtype, copy=True)
+        init = self.slot_init.get(spec.slot if spec.role == SLOT else spec.name, SLOT_INIT_ZEROS)
+        if init.startswith(SLOT_INIT_FILL):
+            return jnp.full(spec.shape, float(init[len(SLOT_INIT_FILL):]), dtype)
         return jnp.zeros(spec.shape, dtype)  # zero slots, gradient buffers, optimizer state
 
     def slots(self, state: State) -> dict[str, Any]:
@@ -329,5 +338,5 @@ def load(path: str | os.PathLike[str], mesh: jax.sharding.Mesh | None = None) ->
         pipeline=loaded.pipeline, optimizer_class=loaded.optimizer_class, artifact=loaded.artifact)
 
 
-__all__ = ["CHECKPOINT_COUNTER", "FunctionalStep", "SLOT_INIT_FROM_VARIABLE", "SLOT_INIT_ZEROS", "check_state_dict",
-           "load", "path_name"]
+__all__ = ["CHECKPOINT_COUNTER", "FunctionalStep", "SLOT_INIT_FILL", "SLOT_INIT_FROM_VARIABLE", "SLOT_INIT_ZEROS",
+           "check_state_dict", "fill_init", "load", "path_name"]
