@@ -64,7 +64,9 @@ def _imports(module: str, path: pathlib.Path, mods: dict[str, pathlib.Path]) -> 
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            subs = [f"{base}.{a.name}" for a in node.names]
+            # `from pkg import submodule` imports the submodule; the package counts only for names defined in it
+            names = subs + ([base] if any(n not in mods for n in subs) else [])
         for n in names:
             while n and n not in mods:  # `from shardopt.core import layout` names the module shardopt.core.layout
                 n = n.rsplit(".", 1)[0] if "." in n else ""
