@@ -23,9 +23,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from shardopt.frontend.adam import Adam
 
 from shardopt import kernels
-from shardopt.frontend.adam import Adam
 from shardopt.kernels import _loader
 
 LR, T = np.float32(1e-3), np.int32(3)

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from shardopt import kernels
-from shardopt.frontend.adam import Adam
 from shardopt.kernels import _loader
+from shardopt.optimizers.adam import Adam
 
 BF16 = jnp.bfloat16
 SIZES = (3 * 5, 70_000, 1, 0, 64_001, 5_000)  # crosses the 65536-element chunks; more than the threaded minimum
