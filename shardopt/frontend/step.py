@@ -177,7 +177,7 @@ def update_entry(rule: UpdateRule, e: StepEntry, var: jax.Array, g: jax.Array, i
     if composite is not None:
         names = [s for s in e.slots if s != EMA_SLOT]
         new_var, *new_state = composite(var, g_c, lr_c, t, *(own_slots[s] for s in names))
-        var_c, out_slots = new_var.astype(ct), dict(zip(names, new_state, strict=True))
+        var_c, out_slots = new_var, dict(zip(names, new_state, strict=True))  # float32 when EMA reads it
     else:
         if rule.weight_decay is not None:
             var_c = var_c - (var_c * jnp.asarray(np.float32(rule.weight_decay), ct)) * lr_c
