@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import jax
 import numpy as np
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo as hlo
@@ -129,7 +130,8 @@ class LowerToKernels(ModulePass):
     """Replaces marked Adam updates by the compiled kernel's custom call; inlines the rest."""
 
     NAME: ClassVar[str] = "lower-to-kernels"
-    platform: str = option("cpu", "platform the module is compiled for (kernels exist for cpu only)")
+    platform: str = option("auto", "platform the module is compiled for; auto: jax's default backend "
+                                   "(kernels exist for cpu only)")
     enabled: bool = option(True, "lower where possible; false inlines every composite (the StableHLO path)")
     fold_scale: bool = option(True, "pass a global-norm clip scale to the kernel instead of the scaled gradient")
     assume_available: bool = option(False, "emit the custom call even where this process has no kernel library "
@@ -165,11 +167,12 @@ class LowerToKernels(ModulePass):
         a = _attrs(op)
         var, grad, lr, t, *slots = list(op.operands)
         dtype = {"f32": "float32", "bf16": "bfloat16"}.get(_element_type(var), _element_type(var))
-        why = kernels.reason(kind, dtype, self.platform)
+        platform = jax.default_backend() if self.platform == "auto" else self.platform
+        why = kernels.reason(kind, dtype, platform)
         if why is not None and self.assume_available and kind in kernels.KERNELS and dtype in kernels.DTYPES:
             why = None
         if why is not None:
-            if kind in kernels.KERNELS and dtype in kernels.DTYPES and self.platform in kernels.PLATFORMS:
+            if kind in kernels.KERNELS and dtype in kernels.DTYPES and platform in kernels.PLATFORMS:
                 _warn_once(why)  # the library itself is missing: say so once
             return why
         if kind != "adam":
