@@ -23,10 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from shardopt.frontend.adam import Adam
 
 from shardopt import kernels
 from shardopt.kernels import _loader
+from shardopt.optimizers.adam import Adam
 
 LR, T = np.float32(1e-3), np.int32(3)
 

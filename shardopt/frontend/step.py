@@ -95,7 +95,7 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
         if glob:
             glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
         new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
-                                              glob)
+                                              glob, loose={e.name for e in entries if e.name not in members})
 
         out: dict[str, jax.Array] = dict(new_vars)
         out.update(glob)
@@ -135,7 +135,8 @@ def _gathered_gradients(pack: PackGroup, entries: list[StepEntry],
 def _update_entries(rule: UpdateRule, update: Callable[..., Any], entries: list[StepEntry],
                     variables: dict[str, jax.Array], grads: list[tuple[jax.Array, jax.Array | None]],
                     slots: dict[str, dict[str, jax.Array]], iterations: jax.Array, lr: jax.Array,
-                    glob: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
+                    glob: dict[str, jax.Array], loose: set[str] | frozenset[str] = frozenset()
+                    ) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
     """Clipping, densifying, weight decay, the definition's update and EMA for every entry (by name)."""
     # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm of 256,
     # which would turn every gradient into NaN (global) or zero (per tensor).
@@ -150,7 +151,8 @@ def _update_entries(rule: UpdateRule, update: Callable[..., Any], entries: list[
         if ct not in per_dtype:
             per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
         new_vars[e.name], new_slots[e.name] = update(dataclasses.replace(e, name=""), variables[e.name], g, idx,
-                                                     slots[e.name], *per_dtype[ct], iterations, glob)
+                                                     slots[e.name], *per_dtype[ct], iterations, glob,
+                                                     kernel=e.name in loose)
     return new_vars, new_slots
 
 
@@ -161,16 +163,20 @@ def _traced_once(rule: UpdateRule) -> Callable[..., Any]:
     Kept on the rule itself, so it lives exactly as long as the optimizer."""
     traced = getattr(rule, "_traced_update", None)
     if traced is None:
-        traced = jax.jit(functools.partial(update_entry, rule), static_argnums=(0,))
+        traced = jax.jit(functools.partial(update_entry, rule), static_argnums=(0,), static_argnames=("kernel",))
         rule._traced_update = traced  # type: ignore[attr-defined]
     return traced
 
 
 def update_entry(rule: UpdateRule, e: StepEntry, var: jax.Array, g: jax.Array, idx: jax.Array | None,
                  own_slots: dict[str, jax.Array], t: jax.Array, lr_c: jax.Array, iterations: jax.Array,
-                 glob: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 glob: dict[str, jax.Array] | None = None, kernel: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Densifying, weight decay, the definition's update and EMA for one variable (`glob`: the optimizer-level
-    state after this step's `update_global`, given to the definition beside the slots, read-only)."""
+    state after this step's `update_global`, given to the definition beside the slots, read-only). With `kernel`
+    (a variable in buffers of its own) a dense update the definition has a compiled kernel for is a
+    `stablehlo.composite` (`_kernel_composite`) that `lower-to-kernels` turns into the kernel's custom call or
+    inlines."""
     ct = compute_dtype(e.dtype)
     var_c = var.astype(ct)
     own = [s for s in e.slots if s != EMA_SLOT]
@@ -179,13 +185,18 @@ def update_entry(rule: UpdateRule, e: StepEntry, var: jax.Array, g: jax.Array, i
         g_c = jnp.broadcast_to(g.astype(ct), e.shape)
     else:
         g_c = _densify(g.astype(ct), idx, e.shape)
-    if rule.weight_decay is not None and e.weight_decay:
-        var_c = var_c - (var_c * jnp.asarray(np.float32(rule.weight_decay), ct)) * lr_c
-    if idx is None:
-        var_c, state = rule.update_dense(var_c, g_c, state, lr_c, t)
+    composite = _kernel_composite(rule, e, ct) if kernel and idx is None and not glob else None
+    if composite is not None:
+        new_var, *new_state = composite(var, g_c, lr_c, t, *(own_slots[s] for s in own))
+        var_c, out_slots = new_var, dict(zip(own, new_state, strict=True))  # float32 when EMA reads it
     else:
-        var_c, state = rule.update_sparse(var_c, g_c, state, lr_c, t)
-    out_slots = {s: state[s].astype(e.dtype) for s in own}
+        if rule.weight_decay is not None and e.weight_decay:
+            var_c = var_c - (var_c * jnp.asarray(np.float32(rule.weight_decay), ct)) * lr_c
+        if idx is None:
+            var_c, state = rule.update_dense(var_c, g_c, state, lr_c, t)
+        else:
+            var_c, state = rule.update_sparse(var_c, g_c, state, lr_c, t)
+        out_slots = {s: state[s].astype(e.dtype) for s in own}
     if rule.use_ema:
         avg = own_slots[EMA_SLOT].astype(ct)
         avg = jnp.asarray(rule.ema_momentum, ct) * avg + jnp.asarray(1 - rule.ema_momentum, ct) * var_c
@@ -194,3 +205,36 @@ def update_entry(rule: UpdateRule, e: StepEntry, var: jax.Array, g: jax.Array, i
             var_c = jnp.where(overwrite, avg, var_c)
         out_slots[EMA_SLOT] = avg.astype(e.dtype)
     return var_c.astype(e.dtype), out_slots
+
+
+KERNEL_COMPOSITE_PREFIX = "shardopt."
+
+
+def _kernel_composite(rule: UpdateRule, e: StepEntry, ct: np.dtype) -> Callable[..., Any] | None:
+    """Weight decay, the definition's dense update and the rounding to the variable's dtype as one
+    `stablehlo.composite "shardopt.<kernel>"` of (var, grad, lr, t, *slots) -> (var, *slots), its attributes the
+    rule's `kernel_spec()` plus `weight_decay` and `operands` (the slot names), its decomposition today's jnp
+    math. None when the rule has no kernel for this variable: no `kernel_spec`, float32 math not used, slots of
+    another shape, or EMA on a half-precision variable (EMA reads the unrounded float32 variable)."""
+    spec_fn = getattr(rule, "kernel_spec", None)
+    spec = spec_fn() if spec_fn is not None else None
+    if spec is None or ct != np.dtype(np.float32) or (rule.use_ema and np.dtype(e.dtype) != ct):
+        return None
+    names = [s for s in e.slots if s != EMA_SLOT]
+    if any(e.slot_shape(s) != e.shape for s in names):
+        return None
+    kind, attributes = spec
+    wd = rule.weight_decay if e.weight_decay else None  # exclude_from_weight_decay
+
+    def decomposition(var: jax.Array, g_c: jax.Array, lr_c: jax.Array, t: jax.Array, *slot_values: jax.Array,
+                      **_: Any) -> tuple[jax.Array, ...]:
+        var_c = var.astype(ct)
+        state = {s: x.astype(ct) for s, x in zip(names, slot_values, strict=True)}
+        if wd is not None:
+            var_c = var_c - (var_c * jnp.asarray(np.float32(wd), ct)) * lr_c
+        var_c, state = rule.update_dense(var_c, g_c, state, lr_c, t)
+        return (var_c.astype(e.dtype), *(state[s].astype(e.dtype) for s in names))
+
+    composite = jax.lax.composite(decomposition, name=KERNEL_COMPOSITE_PREFIX + kind)
+    extra = {"has_weight_decay": wd is not None, "weight_decay": float(wd or 0.0), "slots": ",".join(names)}
+    return functools.partial(composite, **attributes, **extra)

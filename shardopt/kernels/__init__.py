@@ -17,6 +17,7 @@ when a C++ compiler is present (setup.py); a pass asks `available()` and keeps t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ PLATFORMS = ("cpu",)
 
 __all__ = [
     "DTYPES", "KERNELS", "KernelCall", "PLATFORMS", "adam_call", "adam_update", "available", "clip_scale_operand",
-    "info", "reason", "sgd_call", "sgd_update",
+    "info", "module_kernels", "reason", "sgd_call", "sgd_update", "target_reason",
 ]
 
 
@@ -68,6 +69,27 @@ def reason(kernel: str, dtype: Any = "float32", platform: str = "cpu") -> str | 
 def available(kernel: str, dtype: Any = "float32", platform: str = "cpu") -> bool:
     """Whether `kernel` ("adam", "sgd") exists for `dtype` variables on `platform` (loads the library once)."""
     return reason(kernel, dtype, platform) is None
+
+
+def target_reason(target: str) -> str | None:
+    """None when the FFI target `target` (a custom call a module makes) is registered in this process, else why
+    not (artifacts check this before running a loaded step)."""
+    if target not in KERNELS.values():
+        return f"{target} is not one of shardopt's kernels ({', '.join(sorted(KERNELS.values()))})"
+    library = _loader.load()
+    if library.lib is None:
+        return library.reason
+    if target not in library.registered:
+        return f"FFI target {target} is not registered"
+    return None
+
+
+_TARGET = re.compile(r'custom_call\s*@(shardopt_\w+)|call_target_name\s*=\s*"(shardopt_\w+)"')
+
+
+def module_kernels(module_text: str) -> list[str]:
+    """The shardopt kernel targets a StableHLO module's custom calls name, sorted."""
+    return sorted({a or b for a, b in _TARGET.findall(module_text)})
 
 
 def info() -> dict[str, Any]:

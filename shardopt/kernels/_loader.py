@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 # Must equal kAbiVersion in cpu/kernels.cc: the operands and attributes the Python side passes.
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAME = "libshardopt_kernels.dylib" if sys.platform == "darwin" else "libshardopt_kernels.so"
 ENV_LIBRARY = "SHARDOPT_KERNELS_LIBRARY"  # a path overriding the installed library
 ENV_DISABLE = "SHARDOPT_KERNELS"  # "0" turns the compiled kernels off

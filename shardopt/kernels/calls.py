@@ -46,8 +46,12 @@ class KernelCall:
 
 
 def adam_call(*, beta_1: float, beta_2: float, amsgrad: bool = False, weight_decay: float | None = None,
-              clip_scale: bool = False) -> KernelCall:
-    """The Adam/AdamW call for these options (the optimizer's python floats, rounded as shardopt rounds them)."""
+              clip_scale: bool = False, scale_contracted: bool = False) -> KernelCall:
+    """The Adam/AdamW call for these options (the optimizer's python floats, rounded as shardopt rounds them).
+
+    `scale_contracted`: the clip scale as XLA:CPU compiles it for a variable in buffers of its own (the product
+    g*scale stays float32 and is contracted into m's subtraction, fma(g, scale, -m)); default: as for a packed
+    gradient (g*scale rounded to the gradient dtype)."""
     operands = ("p", "m", "v") + (("vhat",) if amsgrad else ()) + ("alpha", "eps")
     operands += (("lr",) if weight_decay is not None else ()) + (("scale",) if clip_scale else ())
     attributes = {
@@ -57,6 +61,7 @@ def adam_call(*, beta_1: float, beta_2: float, amsgrad: bool = False, weight_dec
         "has_weight_decay": weight_decay is not None,
         "weight_decay": np.float32(0.0 if weight_decay is None else weight_decay),
         "has_scale": bool(clip_scale),
+        "scale_contracted": bool(clip_scale and scale_contracted),
     }
     results = ("p", "m", "v") + (("vhat",) if amsgrad else ())
     return KernelCall(ADAM_TARGET, attributes, operands, results)

@@ -46,6 +46,16 @@ class Adam(Optimizer):
     def slot_groups(self) -> tuple[tuple[str, ...], ...]:
         return (("m", "v"), ("vhat",)) if self.amsgrad else (("m", "v"),)
 
+    def kernel_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """What a compiled one-pass kernel needs to run `update_dense` (passes/lower_to_kernels.py), or None when
+        this configuration has no kernel: `adaptive_epsilon` scales epsilon by a runtime factor the kernel lacks.
+        The frontend wraps each loose variable's dense update in a `stablehlo.composite "shardopt.adam"` with
+        these attributes; the pass recomputes `_alpha_eps` from them exactly as written here."""
+        if self.adaptive_epsilon:
+            return None
+        return "adam", {"beta_1": float(self.beta_1), "beta_2": float(self.beta_2), "epsilon": float(self.epsilon),
+                        "amsgrad": bool(self.amsgrad)}
+
     def _alpha_eps(self, lr: jax.Array, t: jax.Array, dt: Any) -> tuple[jax.Array, jax.Array]:
         b1_power = jnp.power(_via_float32(self.beta_1, dt), t)
         b2_power = jnp.power(_via_float32(self.beta_2, dt), t)

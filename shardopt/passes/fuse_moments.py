@@ -52,6 +52,7 @@ from shardopt.core.contract import SLOT, VARIABLE
 from shardopt.core.packing import member_layout
 from shardopt.passes import fusion_ir as fir
 from shardopt.passes.base import ModulePass, PassError, option
+from shardopt.passes.inline_calls import inline_composites
 from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for
 
 
@@ -67,6 +68,7 @@ class FuseMoments(ModulePass):
         self.check(self.max_group >= 0, "max-group", "non-negative")
 
     def run(self, module: ir.Module) -> dict[str, Any]:
+        inline_composites(module)  # kernel markers lower-to-kernels did not see (a pipeline without it)
         fir.run_textual(module, "cse")  # one value per shared scalar (lr factors, clip scale), so groups share it
         ops_before = sum(sir.op_counts(module).values())
         fn = sir.main_func(module)

@@ -22,7 +22,12 @@ from shardopt.passes.spec import split_pipeline
 # are left alone, because XLA:CPU loses on them (fuse-moments{unpacked=true} measures that; see its module
 # docstring). fuse-moments runs first so that fuse-clipping can take a global norm over a pack's gradient in one
 # reduction.
-DEFAULT_PIPELINE: tuple[str, ...] = ("inline-calls", "propagate-layouts", "fuse-moments", "fuse-clipping", "cleanup")
+#
+# lower-to-kernels runs right after inline-calls: it replaces the update of each variable kept in buffers of its
+# own by the compiled kernel's custom call where one exists, and inlines the frontend's composite everywhere else,
+# so every later pass sees plain StableHLO.
+DEFAULT_PIPELINE: tuple[str, ...] = ("inline-calls", "lower-to-kernels", "propagate-layouts", "fuse-moments",
+                                     "fuse-clipping", "cleanup")
 
 PipelineSpec = str | Sequence[str | ModulePass]  # "a,b{x=1}", ("a", "b{x=1}") or pass instances
 

@@ -17,6 +17,7 @@ from shardopt.passes.spec import parse_element, split_pipeline
 
 _PASSES: dict[str, str | type[ModulePass]] = {
     "inline-calls": "shardopt.passes.inline_calls:InlineCalls",
+    "lower-to-kernels": "shardopt.passes.lower_to_kernels:LowerToKernels",
     "propagate-layouts": "shardopt.passes.propagate_layouts:PropagateLayouts",
     "fuse-moments": "shardopt.passes.fuse_moments:FuseMoments",
     "fuse-clipping": "shardopt.passes.fuse_clipping:FuseClipping",

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 from jaxlib.mlir.dialects import stablehlo as hlo
 
+from shardopt import kernels
 from shardopt.core.contract import SLOT, VARIABLE, StepContract, TensorSpec
 from shardopt.core.errors import ArtifactError
 from shardopt.core.records import Stage
@@ -145,7 +146,20 @@ def build_manifest(step: Any) -> dict[str, Any]:
         "slot_init": dict(step.slot_init),
         "initial_learning_rate": step.initial_learning_rate,
         "convention": conv.to_json(),
+        # compiled kernels the optimized module calls (lower-to-kernels): a process loading the file needs them
+        "kernels": kernels.module_kernels(step.executable.exported.mlir_module()),
     }
+
+
+def check_kernels(manifest: dict[str, Any], where: str) -> None:
+    """ArtifactError naming each compiled kernel the step calls that this process cannot run."""
+    missing = [(t, kernels.target_reason(t)) for t in manifest.get("kernels", [])]
+    missing = [(t, why) for t, why in missing if why is not None]
+    if missing:
+        listed = "; ".join(f"{t}: {why}" for t, why in missing)
+        raise ArtifactError(f"{where}: the step calls compiled update kernels this process does not have ({listed}). "
+                            f"Install shardopt with its kernels (a C++ compiler at pip install), or recompile the "
+                            f"step with the pass `lower-to-kernels{{enabled=false}}` for a portable artifact")
 
 
 def save(step: Any, path: str | os.PathLike[str], *, stages: bool = True) -> int:
@@ -261,6 +275,7 @@ def read(path: str | os.PathLike[str], mesh: Mesh | None = None) -> LoadedStep:
         if manifest.get("kind") != KIND:
             raise ArtifactError(f"{where}: not an optimizer-step artifact (kind {manifest.get('kind')!r})")
         mesh = resolve_mesh(manifest, mesh, where)
+        check_kernels(manifest, where)
         try:
             conv = StepContract.from_json(manifest["convention"])
         except ValueError as e:

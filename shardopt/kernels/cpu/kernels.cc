@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 
 namespace shardopt_kernels {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 struct Bf16 {
   uint16_t bits;
@@ -288,7 +288,7 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
                            ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> p_out,
                            ffi::Result<ffi::AnyBuffer> m_out, ffi::Result<ffi::AnyBuffer> v_out,
                            ffi::RemainingRets rest_out, float c1, float c2, bool amsgrad, bool has_weight_decay,
-                           float weight_decay, bool has_scale) {
+                           float weight_decay, bool has_scale, bool scale_contracted) {
   const ffi::DataType st = p.element_type();
   if (!IsFloat(st) || m.element_type() != st || v.element_type() != st)
     return ffi::Error::InvalidArgument("p, m, v must share one dtype, float32 or bfloat16");
@@ -340,11 +340,12 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
   WithTypes(st, *gt, [&](auto s_tag, auto g_tag) {
     using S = decltype(s_tag);
     using G = decltype(g_tag);
-    WithFlags3(amsgrad, has_weight_decay, has_scale, [&](auto ams, auto wd, auto sc) {
-      auto run = isa == kAvx2Fma ? &avx2_fma::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value,
-                                                      decltype(sc)::value>
-                                 : &baseline::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value,
-                                                      decltype(sc)::value>;
+    const int scale_mode = has_scale ? (scale_contracted ? 2 : 1) : 0;
+    WithFlags3(amsgrad, has_weight_decay, scale_mode == 2, [&](auto ams, auto wd, auto contracted) {
+     auto dispatch = [&](auto sc) {
+      constexpr int kSc = decltype(sc)::value ? (decltype(contracted)::value ? 2 : 1) : 0;
+      auto run = isa == kAvx2Fma ? &avx2_fma::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>
+                                 : &baseline::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>;
       S* P = static_cast<S*>(pp);
       S* M = static_cast<S*>(mp);
       S* V = static_cast<S*>(vp);
@@ -354,6 +355,8 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
           run(P + at, M + at, V + at, VH ? VH + at : nullptr, static_cast<const G*>(g) + gat, count, k);
         });
       });
+     };
+     scale_mode ? dispatch(Bool<true>{}) : dispatch(Bool<false>{});
     });
   });
   return ffi::Error::Success();
@@ -430,7 +433,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptAdamUpdate, sk::AdamImpl,
                                   .Attr<bool>("amsgrad")
                                   .Attr<bool>("has_weight_decay")
                                   .Attr<float>("weight_decay")
-                                  .Attr<bool>("has_scale"));
+                                  .Attr<bool>("has_scale")
+                                  .Attr<bool>("scale_contracted"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSgdUpdate, sk::SgdImpl,
                               ffi::Ffi::Bind()

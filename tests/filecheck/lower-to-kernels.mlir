@@ -1,0 +1,194 @@
+// RUN: python -m shardopt.opt -p "lower-to-kernels{assume-available=true}" %s --split-input-file | filecheck %s
+// RUN: python -m shardopt.opt -p "lower-to-kernels{enabled=false}" %s --split-input-file | filecheck %s --check-prefix=INLINE
+
+// `lower-to-kernels`, each chunk between separator lines on its own (tests/test_pass_lower_to_kernels.py runs the
+// same chunks in-process and checks the statistics). The frontend marks the update of each variable kept in
+// buffers of its own as `stablehlo.composite "shardopt.adam"` (var, grad, lr, t, m, v); the pass replaces it by
+// the compiled kernel's custom call (`assume-available` emits it even where this process has no library), with
+// alpha = lr * sqrt(1 - b2^t) / (1 - b1^t) computed beside it, or inlines the decomposition.
+
+// A float32 variable: one custom call updating p, m, v in place (results alias operands 0, 1, 2); its gradient
+// is the argument; the scalars are Adam's float32 constants.
+// CHECK-LABEL: module @adam_f32
+// CHECK-NOT:     stablehlo.composite
+// CHECK:         %[[T:.*]] = stablehlo.convert %{{.*}} : (tensor<i32>) -> tensor<f32>
+// CHECK:         %[[B1:.*]] = stablehlo.constant dense<0.899999976> : tensor<f32>
+// CHECK-NEXT:    stablehlo.power %[[B1]], %[[T]] : tensor<f32>
+// CHECK-NEXT:    %[[B2:.*]] = stablehlo.constant dense<9.990000e-01> : tensor<f32>
+// CHECK-NEXT:    stablehlo.power %[[B2]], %[[T]] : tensor<f32>
+// CHECK:         %[[ALPHA:.*]] = stablehlo.divide
+// CHECK-NEXT:    %[[EPS:.*]] = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+// CHECK:         %[[K:.*]]:3 = stablehlo.custom_call @shardopt_adam_update(%arg0, %arg2, %arg3, %[[ALPHA]], %[[EPS]], %arg1)
+// CHECK-SAME:      mhlo.backend_config = {amsgrad = false, has_scale = false, has_weight_decay = false, one_minus_beta_1 = 1.000000e-01 : f32, one_minus_beta_2 = 1.000000e-03 : f32, scale_contracted = false, weight_decay = 0.000000e+00 : f32}
+// CHECK-SAME:      output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [0], operand_index = 0, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [1], operand_index = 1, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [2], operand_index = 2, operand_tuple_indices = []>]
+// CHECK:         return %[[K]]#0, %[[K]]#1, %[[K]]#2
+// INLINE-LABEL: module @adam_f32
+// INLINE:         func.func public @main
+// INLINE-NOT:     stablehlo.custom_call
+// INLINE:         stablehlo.power
+// INLINE-NOT:     stablehlo.custom_call
+// INLINE:         %[[P:.*]] = stablehlo.subtract %arg0, %{{.*}} : tensor<4x8xf32>
+// INLINE-NEXT:    return %[[P]]
+module @adam_f32 {
+  sdy.mesh @mesh = <["replica"=1]>
+  func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>, shardopt.role = "variable", tf.aliasing_output = 0 : i32}, %arg1: tensor<4x8xf32> {shardopt.role = "gradient"}, %arg2: tensor<4x8xf32> {shardopt.role = "slot", tf.aliasing_output = 1 : i32}, %arg3: tensor<4x8xf32> {shardopt.role = "slot", tf.aliasing_output = 2 : i32}, %arg4: tensor<i32>, %arg5: tensor<f32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>) {
+    %c = stablehlo.constant dense<1> : tensor<i32>
+    %0 = stablehlo.add %arg4, %c : tensor<i32>
+    %1 = stablehlo.convert %0 : (tensor<i32>) -> tensor<f32>
+    %2:3 = stablehlo.composite "shardopt.adam" %arg0, %arg1, %arg5, %1, %arg2, %arg3 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam} : (tensor<4x8xf32>, tensor<4x8xf32>, tensor<f32>, tensor<f32>, tensor<4x8xf32>, tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>)
+    return %2#0, %2#1, %2#2 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
+  }
+  func.func private @shardopt.adam(%arg0: tensor<4x8xf32>, %arg1: tensor<4x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<4x8xf32>, %arg5: tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>) {
+    %cst = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+    %cst_0 = stablehlo.constant dense<1.000000e-03> : tensor<f32>
+    %cst_1 = stablehlo.constant dense<1.000000e-01> : tensor<f32>
+    %cst_2 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %cst_3 = stablehlo.constant dense<9.990000e-01> : tensor<f32>
+    %cst_4 = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %0 = stablehlo.power %cst_4, %arg3 : tensor<f32>
+    %1 = stablehlo.power %cst_3, %arg3 : tensor<f32>
+    %2 = stablehlo.subtract %cst_2, %1 : tensor<f32>
+    %3 = stablehlo.sqrt %2 : tensor<f32>
+    %4 = stablehlo.multiply %arg2, %3 : tensor<f32>
+    %5 = stablehlo.subtract %cst_2, %0 : tensor<f32>
+    %6 = stablehlo.divide %4, %5 : tensor<f32>
+    %7 = stablehlo.subtract %arg1, %arg4 : tensor<4x8xf32>
+    %8 = stablehlo.broadcast_in_dim %cst_1, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %9 = stablehlo.multiply %7, %8 : tensor<4x8xf32>
+    %10 = stablehlo.add %arg4, %9 : tensor<4x8xf32>
+    %11 = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+    %12 = stablehlo.subtract %11, %arg5 : tensor<4x8xf32>
+    %13 = stablehlo.broadcast_in_dim %cst_0, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %14 = stablehlo.multiply %12, %13 : tensor<4x8xf32>
+    %15 = stablehlo.add %arg5, %14 : tensor<4x8xf32>
+    %16 = stablehlo.broadcast_in_dim %6, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %17 = stablehlo.multiply %10, %16 : tensor<4x8xf32>
+    %18 = stablehlo.sqrt %15 : tensor<4x8xf32>
+    %19 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %20 = stablehlo.add %18, %19 : tensor<4x8xf32>
+    %21 = stablehlo.divide %17, %20 : tensor<4x8xf32>
+    %22 = stablehlo.subtract %arg0, %21 : tensor<4x8xf32>
+    return %22, %10, %15 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
+  }
+}
+
+// -----
+
+// A bfloat16 variable with a global-norm clip scale: the kernel reads the bfloat16 gradient argument (not its
+// float32 convert) and the scale (not the scaled gradient), contracted as XLA contracts it.
+// CHECK-LABEL: module @adam_bf16_clipped
+// CHECK:         %[[K:.*]]:3 = stablehlo.custom_call @shardopt_adam_update(%arg0, %arg2, %arg3, %{{.*}}, %{{.*}}, %arg6, %arg1)
+// CHECK-SAME:      has_scale = true
+// CHECK-SAME:      scale_contracted = true
+// CHECK-SAME:      (tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<f32>, tensor<f32>, tensor<f32>, tensor<4x8xbf16>) -> (tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>)
+// CHECK:         return %[[K]]#0, %[[K]]#1, %[[K]]#2
+// INLINE-LABEL: module @adam_bf16_clipped
+// INLINE:         func.func public @main
+// INLINE-NOT:     stablehlo.custom_call
+// INLINE:         %[[G:.*]] = stablehlo.convert %arg1 : (tensor<4x8xbf16>) -> tensor<4x8xf32>
+// INLINE:         stablehlo.multiply %[[G]], %{{.*}} : tensor<4x8xf32>
+// INLINE:         stablehlo.convert %{{.*}} : (tensor<4x8xf32>) -> tensor<4x8xbf16>
+module @adam_bf16_clipped {
+  sdy.mesh @mesh = <["replica"=1]>
+  func.func public @main(%arg0: tensor<4x8xbf16>, %arg1: tensor<4x8xbf16>, %arg2: tensor<4x8xbf16>, %arg3: tensor<4x8xbf16>, %arg4: tensor<i32>, %arg5: tensor<f32>, %arg6: tensor<f32>) -> (tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>) {
+    %c = stablehlo.constant dense<1> : tensor<i32>
+    %0 = stablehlo.convert %arg1 : (tensor<4x8xbf16>) -> tensor<4x8xf32>
+    %1 = stablehlo.broadcast_in_dim %arg6, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %2 = stablehlo.multiply %0, %1 : tensor<4x8xf32>
+    %3 = stablehlo.add %arg4, %c : tensor<i32>
+    %4 = stablehlo.convert %3 : (tensor<i32>) -> tensor<f32>
+    %5:3 = stablehlo.composite "shardopt.adam" %arg0, %2, %arg5, %4, %arg2, %arg3 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam} : (tensor<4x8xbf16>, tensor<4x8xf32>, tensor<f32>, tensor<f32>, tensor<4x8xbf16>, tensor<4x8xbf16>) -> (tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>)
+    return %5#0, %5#1, %5#2 : tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>
+  }
+  func.func private @shardopt.adam(%arg0: tensor<4x8xbf16>, %arg1: tensor<4x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<4x8xbf16>, %arg5: tensor<4x8xbf16>) -> (tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>) {
+    %cst = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+    %cst_0 = stablehlo.constant dense<1.000000e-03> : tensor<f32>
+    %cst_1 = stablehlo.constant dense<1.000000e-01> : tensor<f32>
+    %cst_2 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %cst_3 = stablehlo.constant dense<9.990000e-01> : tensor<f32>
+    %cst_4 = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %0 = stablehlo.convert %arg0 : (tensor<4x8xbf16>) -> tensor<4x8xf32>
+    %1 = stablehlo.convert %arg4 : (tensor<4x8xbf16>) -> tensor<4x8xf32>
+    %2 = stablehlo.convert %arg5 : (tensor<4x8xbf16>) -> tensor<4x8xf32>
+    %3 = stablehlo.power %cst_4, %arg3 : tensor<f32>
+    %4 = stablehlo.power %cst_3, %arg3 : tensor<f32>
+    %5 = stablehlo.subtract %cst_2, %4 : tensor<f32>
+    %6 = stablehlo.sqrt %5 : tensor<f32>
+    %7 = stablehlo.multiply %arg2, %6 : tensor<f32>
+    %8 = stablehlo.subtract %cst_2, %3 : tensor<f32>
+    %9 = stablehlo.divide %7, %8 : tensor<f32>
+    %10 = stablehlo.subtract %arg1, %1 : tensor<4x8xf32>
+    %11 = stablehlo.broadcast_in_dim %cst_1, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %12 = stablehlo.multiply %10, %11 : tensor<4x8xf32>
+    %13 = stablehlo.add %1, %12 : tensor<4x8xf32>
+    %14 = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+    %15 = stablehlo.subtract %14, %2 : tensor<4x8xf32>
+    %16 = stablehlo.broadcast_in_dim %cst_0, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %17 = stablehlo.multiply %15, %16 : tensor<4x8xf32>
+    %18 = stablehlo.add %2, %17 : tensor<4x8xf32>
+    %19 = stablehlo.broadcast_in_dim %9, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %20 = stablehlo.multiply %13, %19 : tensor<4x8xf32>
+    %21 = stablehlo.sqrt %18 : tensor<4x8xf32>
+    %22 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %23 = stablehlo.add %21, %22 : tensor<4x8xf32>
+    %24 = stablehlo.divide %20, %23 : tensor<4x8xf32>
+    %25 = stablehlo.subtract %0, %24 : tensor<4x8xf32>
+    %26 = stablehlo.convert %25 : (tensor<4x8xf32>) -> tensor<4x8xbf16>
+    %27 = stablehlo.convert %13 : (tensor<4x8xf32>) -> tensor<4x8xbf16>
+    %28 = stablehlo.convert %18 : (tensor<4x8xf32>) -> tensor<4x8xbf16>
+    return %26, %27, %28 : tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>
+  }
+}
+
+
+// -----
+
+// A variable sharded over a mesh axis of size 4 stays StableHLO (the kernel updates whole tensors): the
+// composite is inlined, with or without the library.
+// CHECK-LABEL: module @sharded
+// CHECK-NOT:     stablehlo.custom_call
+// CHECK-NOT:     stablehlo.composite
+// CHECK:         stablehlo.power
+// CHECK:         %[[P:.*]] = stablehlo.subtract %arg0, %{{.*}} : tensor<4x8xf32>
+// CHECK:         return %[[P]]
+// INLINE-LABEL: module @sharded
+// INLINE-NOT:     stablehlo.composite
+module @sharded {
+  sdy.mesh @mesh = <["model"=4]>
+  func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg1: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg2: tensor<4x8xf32>, %arg3: tensor<4x8xf32>, %arg4: tensor<f32>, %arg5: tensor<f32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>) {
+    %0:3 = stablehlo.composite "shardopt.adam" %arg0, %arg1, %arg5, %arg4, %arg2, %arg3 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam} : (tensor<4x8xf32>, tensor<4x8xf32>, tensor<f32>, tensor<f32>, tensor<4x8xf32>, tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>)
+    return %0#0, %0#1, %0#2 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
+  }
+  func.func private @shardopt.adam(%arg0: tensor<4x8xf32>, %arg1: tensor<4x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<4x8xf32>, %arg5: tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>) {
+    %cst = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+    %cst_0 = stablehlo.constant dense<1.000000e-03> : tensor<f32>
+    %cst_1 = stablehlo.constant dense<1.000000e-01> : tensor<f32>
+    %cst_2 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %cst_3 = stablehlo.constant dense<9.990000e-01> : tensor<f32>
+    %cst_4 = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %0 = stablehlo.power %cst_4, %arg3 : tensor<f32>
+    %1 = stablehlo.power %cst_3, %arg3 : tensor<f32>
+    %2 = stablehlo.subtract %cst_2, %1 : tensor<f32>
+    %3 = stablehlo.sqrt %2 : tensor<f32>
+    %4 = stablehlo.multiply %arg2, %3 : tensor<f32>
+    %5 = stablehlo.subtract %cst_2, %0 : tensor<f32>
+    %6 = stablehlo.divide %4, %5 : tensor<f32>
+    %7 = stablehlo.subtract %arg1, %arg4 : tensor<4x8xf32>
+    %8 = stablehlo.broadcast_in_dim %cst_1, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %9 = stablehlo.multiply %7, %8 : tensor<4x8xf32>
+    %10 = stablehlo.add %arg4, %9 : tensor<4x8xf32>
+    %11 = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+    %12 = stablehlo.subtract %11, %arg5 : tensor<4x8xf32>
+    %13 = stablehlo.broadcast_in_dim %cst_0, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %14 = stablehlo.multiply %12, %13 : tensor<4x8xf32>
+    %15 = stablehlo.add %arg5, %14 : tensor<4x8xf32>
+    %16 = stablehlo.broadcast_in_dim %6, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %17 = stablehlo.multiply %10, %16 : tensor<4x8xf32>
+    %18 = stablehlo.sqrt %15 : tensor<4x8xf32>
+    %19 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %20 = stablehlo.add %18, %19 : tensor<4x8xf32>
+    %21 = stablehlo.divide %17, %20 : tensor<4x8xf32>
+    %22 = stablehlo.subtract %arg0, %21 : tensor<4x8xf32>
+    return %22, %10, %15 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
+  }
+}
