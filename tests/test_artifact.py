@@ -84,7 +84,7 @@ def test_fresh_process_loads_without_optimizer_and_matches_bitwise(saved, tmp_pa
             for j, x in enumerate(jax.tree_util.tree_leaves((p, state))):
                 res[f"s{{s}}_{{j}}"] = np.asarray(x)
         np.savez({str(out)!r}, **res)
-        defs = [m for m in sys.modules if m in ("shardopt.frontend.adam", "shardopt.frontend.optimizer",
+        defs = [m for m in sys.modules if m in ("shardopt.optimizers.adam", "shardopt.optimizers.base",
                                                  "shardopt.frontend.lowering", "shardopt.compiler", "optax")]
         print("DEFINITIONS", defs)
     """)
