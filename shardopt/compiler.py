@@ -56,7 +56,7 @@ def compile_step(rule: UpdateRule, entries: Sequence[StepEntry], mesh: Mesh, *, 
     """Compiles the step of `rule` for `entries` on `mesh`: the learning rate is `schedule` (compiled in) or a
     runtime input; the slots of `packs`' members live packed."""
     mesh_axes = tuple(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    init = getattr(rule, "optimizer_state_init", dict)()
+    init = getattr(rule, "optimizer_state_values", getattr(rule, "optimizer_state_init", dict))()
     contract = build_contract(list(entries), mesh_axes, has_lr_input=schedule is None, packs=packs,
                               slot_names=slot_names, optimizer_state=tuple((n, (), "float32") for n in init))
     fn = make_step_fn(rule, contract, list(entries), schedule)

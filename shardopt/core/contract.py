@@ -43,6 +43,7 @@ STATE_ROLES = (SLOT, GRADIENT_BUFFER, OPTIMIZER_STATE, COUNTER, HYPERPARAMETER)
 COUNTER_NAME = "iterations"
 LEARNING_RATE_NAME = "learning_rate"
 EMA_SLOT = "average"
+SKIPPED_STEPS = "skipped_steps"  # optimizer state of `skip_nonfinite`: steps whose gradients were not all finite
 
 
 @dataclass(frozen=True)

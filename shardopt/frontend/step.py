@@ -24,6 +24,7 @@ from shardopt.core.contract import (
     GRADIENT_BUFFER,
     LEARNING_RATE_NAME,
     OPTIMIZER_STATE,
+    SKIPPED_STEPS,
     SLOT,
     StepContract,
     StepEntry,
@@ -92,10 +93,21 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
         grads = [(arg[gradient_name(e.name)], arg.get(f"grad_indices/{e.name}")) for e in entries]
         # Optimizer-level state advances once per step, before the variables; they read its new values.
         glob = {a.name: arg[a.name] for a in contract.args_with_role(OPTIMIZER_STATE)}
+        skipped = glob.pop(SKIPPED_STEPS, None)  # present with skip_nonfinite
+        old_glob = dict(glob)
         if glob:
             glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
         new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
                                               glob, loose={e.name for e in entries if e.name not in members})
+        step_taken = jnp.asarray(1, iterations.dtype)
+        if skipped is not None:  # skip_nonfinite: keep every old value unless all gradients are finite
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g, _ in grads]))
+            new_vars = {n: jnp.where(finite, v, variables[n]) for n, v in new_vars.items()}
+            new_slots = {n: {s: jnp.where(finite, v, slots[n][s]) for s, v in own.items()}
+                         for n, own in new_slots.items()}
+            glob = {k: jnp.where(finite, v, old_glob[k]) if k in old_glob else v for k, v in glob.items()}
+            glob[SKIPPED_STEPS] = skipped + jnp.where(finite, 0.0, 1.0).astype(skipped.dtype)
+            step_taken = finite.astype(iterations.dtype)
 
         out: dict[str, jax.Array] = dict(new_vars)
         out.update(glob)
@@ -108,7 +120,7 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
                                         else pack.unpack(arg[spec.name], i) for i, m in enumerate(pack.members)])
         for spec in contract.args_with_role(GRADIENT_BUFFER):
             out[spec.name] = _gathered_gradients(contract.pack(spec.pack), entries, grads)
-        out[COUNTER_NAME] = iterations + 1
+        out[COUNTER_NAME] = iterations + step_taken
         out[LEARNING_RATE_NAME] = lr
         for spec in contract.results:
             if spec.name not in out:  # state the definition does not change (optimizer state so far)

@@ -28,6 +28,7 @@ from shardopt.core.contract import (
     GRADIENT_BUFFER,
     HYPERPARAMETER,
     OPTIMIZER_STATE,
+    SKIPPED_STEPS,
     SLOT,
     VARIABLE,
     StepContract,
@@ -76,6 +77,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         mesh: Mesh | None = None,
         gradients_clip_option: options.GradientsClipOption | None = None,
         ema_option: options.EMAOption | None = None,
+        skip_nonfinite: bool = False,
         **kwargs: Any,
     ):
         ema = options.merge_grouped(
@@ -99,6 +101,11 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self.ema_momentum = ema["ema_momentum"]
         self.ema_overwrite_frequency = ema["ema_overwrite_frequency"]
         self.jit_compile = jit_compile
+        if not isinstance(skip_nonfinite, (bool, np.bool_)):
+            raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}")
+        # Like optax's apply_if_finite: a step whose gradients are not all finite changes no variable or slot and
+        # does not advance `iterations`; `skipped_steps` (optimizer state) counts such steps.
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.mesh = mesh
         self.pipeline: tuple[str, ...] = DEFAULT_PIPELINE
         self._learning_rate: Any = learning_rate
@@ -140,6 +147,17 @@ class Optimizer(StateMixin, HyperparameterMixin):
     def optimizer_state_init(self) -> dict[str, float]:
         """Optimizer-level float32 scalars tied to no variable, with their initial values (none by default)."""
         return {}
+
+    def optimizer_state_values(self) -> dict[str, float]:
+        """Every optimizer-level state the step carries: the definition's, and `skipped_steps` with
+        `skip_nonfinite`."""
+        return {**self.optimizer_state_init(), **({SKIPPED_STEPS: 0.0} if self.skip_nonfinite else {})}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (with `skip_nonfinite=True`; 0 otherwise)."""
+        var = self._optimizer_state.get(SKIPPED_STEPS)
+        return 0 if var is None else int(var.value)
 
     def update_global(self, state: State, t: jax.Array) -> State:
         """Advances the optimizer-level state once per step, before the per-variable updates; the new values are

@@ -77,6 +77,6 @@ def _initial_values(opt: Any) -> dict[str, str]:
     for s in opt._entry_slots():
         fill = None if s == EMA_SLOT else opt.slot_initial_value(s)
         init[s] = SLOT_INIT_FROM_VARIABLE if s == EMA_SLOT else SLOT_INIT_ZEROS if fill is None else fill_init(fill)
-    for name, value in opt.optimizer_state_init().items():
+    for name, value in opt.optimizer_state_values().items():
         init[name] = fill_init(value)
     return init

@@ -98,8 +98,10 @@ class HyperparameterMixin:
         return schedules.serialize(lr) if isinstance(lr, schedules.LearningRateSchedule) else np.float32(lr)
 
     def get_config(self) -> dict[str, Any]:
-        """tf-keras's keys and values (jit_compile is the effective flag: False without a GPU)."""
-        return {
+        """tf-keras's keys and values (jit_compile is the effective flag: False without a GPU); shardopt's own
+        `skip_nonfinite` only when it is on, so a default config stays tf-keras's."""
+        extra = {"skip_nonfinite": True} if getattr(self, "skip_nonfinite", False) else {}
+        return {**extra, **{
             "name": self.name,
             "weight_decay": self.weight_decay,
             "clipnorm": self.clipnorm,
@@ -110,7 +112,7 @@ class HyperparameterMixin:
             "ema_overwrite_frequency": self.ema_overwrite_frequency,
             "jit_compile": bool(self.jit_compile and jax.default_backend() == "gpu"),
             "is_legacy_optimizer": False,
-        }
+        }}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Any:

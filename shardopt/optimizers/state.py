@@ -101,7 +101,7 @@ class StateMixin:
                         v, slot, initial_value=None if fill is None else np.full(v.shape, fill, v.dtype))
         self._optimizer_state = {
             name: Variable(np.asarray(value, np.float32), name=name, layout=Layout.replicated(mesh, 0))
-            for name, value in self.optimizer_state_init().items()}
+            for name, value in self.optimizer_state_values().items()}
 
     def add_variable(self, shape: Sequence[int], dtype: Any = None, initializer: str = "zeros",
                      name: str | None = None) -> Variable:
