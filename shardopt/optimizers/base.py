@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -42,7 +41,7 @@ from shardopt.optimizers.functional import compile_functional
 from shardopt.optimizers.gradients import dense_entry, gradient_entry
 from shardopt.optimizers.hyperparameters import HyperparameterMixin
 from shardopt.optimizers.packed_state import PackedState
-from shardopt.optimizers.state import StateMixin
+from shardopt.optimizers.state import STEP_LOCK, StateMixin
 from shardopt.optimizers.variables import Variable
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
 from shardopt.runtime.executable import array_type
@@ -129,7 +128,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         self.pack_max_elements = PACK_MAX_ELEMENTS
         self._packed: PackedState | None = None
         self._traced_update: Callable[..., Any] | None = None  # one jax trace per entry kind (frontend/step.py)
-        self._lock = threading.RLock()  # one step (and one build) at a time: a step donates the state it reads
+        self._lock = STEP_LOCK  # one step (and one build) at a time: a step donates the state it reads
         self._var_avals: list[tuple[tuple[int, ...], np.dtype]] = []  # (shape, dtype) per variable, set by build
         options.check_hyperparameters(self)
 

@@ -3,6 +3,7 @@ the packed buffers the slots of small variables live in between steps (optimizer
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,11 @@ from shardopt.core.layout import Layout, auto_mesh, default_mesh, resolve_mesh, 
 from shardopt.core.packing import PackGroup
 from shardopt.optimizers.packed_state import PackedState, pack_state
 from shardopt.optimizers.variables import Variable
+
+# Steps and builds of every optimizer in the process run one at a time: a step reads, donates and replaces its
+# variables' arrays, and two optimizers may update one Variable from two threads (issue 13: one lost every
+# update). The lock covers dispatch only; XLA still runs the steps asynchronously.
+STEP_LOCK = threading.RLock()
 
 
 class StateMixin:
@@ -64,6 +70,10 @@ class StateMixin:
 
     def build(self, var_list: Sequence[Variable]) -> None:
         """Places the variables on the mesh and creates the counter and EMA averages (definitions add slots)."""
+        with STEP_LOCK:
+            self._build(var_list)
+
+    def _build(self, var_list: Sequence[Variable]) -> None:
         if self._built:
             return
         var_list = list(var_list)
