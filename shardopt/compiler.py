@@ -13,6 +13,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from shardopt import ir as sir
+from shardopt import kernels
 from shardopt.core.contract import StepContract, StepEntry, build_contract
 from shardopt.core.errors import PassError
 from shardopt.core.packing import PackGroup
@@ -64,7 +65,19 @@ def compile_step(rule: UpdateRule, entries: Sequence[StepEntry], mesh: Mesh, *, 
     result = run_pipeline(lowered.module_text, pipeline)
     final = finalize_contract(result.final_text, contract)
     executable = CompiledStep.from_module(result.final_text, final, lowered.exported, mesh)
+    if kernels.module_kernels(result.final_text):
+        # The same step without compiled kernels, for where they cannot run (TF's XlaCallModule, a process or
+        # machine without the library): artifacts store it beside the kernel module and fall back to it.
+        portable = run_pipeline(lowered.module_text, [_without_kernels(p) for p in pipeline], keep_ir=False)
+        if finalize_contract(portable.final_text, contract) != final:
+            raise PassError("the portable step's layouts differ from the kernel step's (a bug in the pipeline)")
+        executable.portable = CompiledStep.from_module(portable.final_text, final, lowered.exported, mesh)
     return StepProgram(lowered, result, final, executable)
+
+
+def _without_kernels(spec: str) -> str:
+    """`spec` with `lower-to-kernels` turned off (its composites are inlined instead)."""
+    return "lower-to-kernels{enabled=false}" if spec.split("{", 1)[0].strip() == "lower-to-kernels" else spec
 
 
 __all__ = ["StepProgram", "compile_step", "finalize_contract"]

@@ -164,7 +164,7 @@ def test_sharded_variable_left_replicated_lowered(mesh):
 
 
 @needs_kernels
-def test_artifact_records_kernels_and_refuses_without_them(tmp_path, monkeypatch):
+def test_artifact_records_kernels_and_falls_back_to_the_portable_module(tmp_path, monkeypatch):
     mesh = one_device_mesh()
     specs = {"w": shardopt.VariableSpec((128, 64), "float32")}
     step = shardopt.Adam(1e-3, mesh=mesh).compile(specs)
@@ -172,9 +172,25 @@ def test_artifact_records_kernels_and_refuses_without_them(tmp_path, monkeypatch
     step.save(path)
     loaded = shardopt.load(path, mesh=mesh)
     assert loaded.artifact.manifest["kernels"] == ["shardopt_adam_update"]
+    assert loaded.executable.portable is not None  # the portable module is stored beside the kernel one
     monkeypatch.setattr(sk, "target_reason", lambda t: "library not built (test)")
+    with pytest.warns(RuntimeWarning, match="portable module"):
+        fallback = shardopt.load(path, mesh=mesh)  # no kernels here: runs the portable module stored beside
+    assert sk.module_kernels(fallback.executable.exported.mlir_module()) == []
+    rng = np.random.default_rng(0)
+    init = {"w": rng.normal(size=(128, 64)).astype(np.float32)}
+    grads = {"w": rng.normal(size=(128, 64)).astype(np.float32)}
+    results = []
+    for s in (loaded, fallback):
+        params = s.place_params(init)
+        params, _ = s(params, s.place_params(grads), s.init(params))
+        results.append(np.asarray(params["w"]))
+    np.testing.assert_array_equal(results[0], results[1])  # bitwise the kernel step's numbers
+    step.executable.portable = None  # a file without the portable module: a clear error, not a crash
+    bare = tmp_path / "bare.shardopt"
+    step.save(bare)
     with pytest.raises(ArtifactError, match="shardopt_adam_update: library not built"):
-        shardopt.load(path, mesh=mesh)
+        shardopt.load(bare, mesh=mesh)
     portable = tmp_path / "p.shardopt"
     opt = shardopt.Adam(1e-3, mesh=mesh)
     opt.pipeline = OFF

@@ -190,8 +190,8 @@ def test_registry_mapping():
     from shardopt.passes.cleanup import Cleanup
 
     assert list(REGISTRY) == sorted(REGISTRY) == ["cleanup", "fuse-clipping", "fuse-moments", "inline-calls",
-                                                  "propagate-layouts"]
-    assert set(DEFAULT_PIPELINE) <= set(REGISTRY) and len(REGISTRY) == 5
+                                                  "lower-to-kernels", "propagate-layouts"]
+    assert set(DEFAULT_PIPELINE) <= set(REGISTRY) and len(REGISTRY) == 6
     assert REGISTRY["cleanup"] is Cleanup
     with pytest.raises(KeyError):
         REGISTRY["fuse-moments-unpacked"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import platform as _platform
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from shardopt.runtime.manifest_json import jsonable, tree_from_json, tree_to_jso
 
 KIND = "optimizer-step"
 EXPORTED = "exported"
+PORTABLE = "exported-portable"
 STAGE_PREFIX = "stage/"
 
 
@@ -151,15 +153,21 @@ def build_manifest(step: Any) -> dict[str, Any]:
     }
 
 
-def check_kernels(manifest: dict[str, Any], where: str) -> None:
-    """ArtifactError naming each compiled kernel the step calls that this process cannot run."""
+def check_kernels(manifest: dict[str, Any], where: str, portable: bool = False) -> bool:
+    """Whether this process can run the compiled kernels the step calls. When it cannot: False if the file has
+    the portable module to fall back to (`portable`), else an ArtifactError naming each missing kernel."""
     missing = [(t, kernels.target_reason(t)) for t in manifest.get("kernels", [])]
     missing = [(t, why) for t, why in missing if why is not None]
+    if missing and portable:
+        warnings.warn(f"{where}: running the portable module (no compiled kernels): "
+                      + "; ".join(f"{t}: {why}" for t, why in missing), RuntimeWarning, stacklevel=3)
+        return False
     if missing:
         listed = "; ".join(f"{t}: {why}" for t, why in missing)
         raise ArtifactError(f"{where}: the step calls compiled update kernels this process does not have ({listed}). "
                             f"Install shardopt with its kernels (a C++ compiler at pip install), or recompile the "
                             f"step with the pass `lower-to-kernels{{enabled=false}}` for a portable artifact")
+    return True
 
 
 def save(step: Any, path: str | os.PathLike[str], *, stages: bool = True) -> int:
@@ -169,6 +177,8 @@ def save(step: Any, path: str | os.PathLike[str], *, stages: bool = True) -> int
     """
     manifest = build_manifest(step)
     payloads: dict[str, tuple[bytes, str]] = {EXPORTED: (bytes(step.executable.exported.serialize()), "raw")}
+    if step.executable.portable is not None:  # the same step without compiled kernels, to fall back to
+        payloads[PORTABLE] = (bytes(step.executable.portable.exported.serialize()), "raw")
     manifest["stages"] = []
     for i, st in enumerate(step_stages(step)):
         entry: dict[str, Any] = {"name": st.name, "spec": st.spec, "stats": jsonable(st.stats),
@@ -265,6 +275,17 @@ class LoadedStep:
     pipeline: tuple[str, ...]
     optimizer_class: str | None
     artifact: Artifact
+    portable: Any = None  # the portable module's export, when the step calls kernels this process can run
+
+
+def _exported(payloads: dict[str, bytes], name: str, where: str) -> Any:
+    if name not in payloads:
+        raise ArtifactError(f"{where}: the {name!r} payload is missing")
+    try:
+        return jax.export.deserialize(bytearray(payloads[name]))
+    except Exception as e:  # jax raises struct/flatbuffer/version errors of many types
+        raise ArtifactError(f"{where}: payload {name!r} is not a jax.export serialization this jax "
+                            f"{jax.__version__} can read: {type(e).__name__}: {e}") from None
 
 
 def read(path: str | os.PathLike[str], mesh: Mesh | None = None) -> LoadedStep:
@@ -275,18 +296,13 @@ def read(path: str | os.PathLike[str], mesh: Mesh | None = None) -> LoadedStep:
         if manifest.get("kind") != KIND:
             raise ArtifactError(f"{where}: not an optimizer-step artifact (kind {manifest.get('kind')!r})")
         mesh = resolve_mesh(manifest, mesh, where)
-        check_kernels(manifest, where)
+        with_kernels = check_kernels(manifest, where, portable=PORTABLE in payloads)
         try:
             conv = StepContract.from_json(manifest["convention"])
         except ValueError as e:
             raise ArtifactError(f"{where}: {e}: recompile the step with this shardopt") from None
-        if EXPORTED not in payloads:
-            raise ArtifactError(f"{where}: the {EXPORTED!r} payload is missing")
-        try:
-            exported = jax.export.deserialize(bytearray(payloads[EXPORTED]))
-        except Exception as e:  # jax raises struct/flatbuffer/version errors of many types
-            raise ArtifactError(f"{where}: payload {EXPORTED!r} is not a jax.export serialization this jax "
-                                f"{jax.__version__} can read: {type(e).__name__}: {e}") from None
+        exported = _exported(payloads, EXPORTED if with_kernels else PORTABLE, where)
+        portable = _exported(payloads, PORTABLE, where) if with_kernels and PORTABLE in payloads else None
         _check_consistent(manifest, conv, exported, where)
         names = tuple(manifest["names"])
         treedef = tree_from_json(manifest["tree"], len(names))
@@ -299,7 +315,7 @@ def read(path: str | os.PathLike[str], mesh: Mesh | None = None) -> LoadedStep:
             initial_learning_rate=manifest["initial_learning_rate"],
             optimizer_config=dict(manifest["optimizer"]["config"]), pipeline=tuple(manifest["pipeline"]),
             optimizer_class=manifest["optimizer"].get("class_name"),
-            artifact=Artifact(where, manifest, stages, os.path.getsize(path)))
+            artifact=Artifact(where, manifest, stages, os.path.getsize(path)), portable=portable)
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:

@@ -84,6 +84,7 @@ class CompiledStep:
         self._output_ids: list[int] = []
         weakref.finalize(self, _forget_outputs, self._output_ids)
         self._fn = jax.jit(exported.call, donate_argnums=contract.donated_argnums())
+        self.portable: CompiledStep | None = None  # the same step without compiled kernels, when it calls any
         self._mesh_devices = frozenset(self.mesh.devices.flat)
 
     @classmethod

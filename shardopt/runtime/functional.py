@@ -331,8 +331,11 @@ def load(path: str | os.PathLike[str], mesh: jax.sharding.Mesh | None = None) ->
     count, platform); nothing from the file is unpickled or executed as Python.
     """
     loaded = artifact.read(path, mesh)
+    executable = CompiledStep(loaded.exported, loaded.contract, loaded.mesh)
+    if loaded.portable is not None:
+        executable.portable = CompiledStep(loaded.portable, loaded.contract, loaded.mesh)
     return FunctionalStep(
-        executable=CompiledStep(loaded.exported, loaded.contract, loaded.mesh), treedef=loaded.treedef,
+        executable=executable, treedef=loaded.treedef,
         names=loaded.names, slot_names=loaded.slot_names, slot_init=loaded.slot_init,
         initial_learning_rate=loaded.initial_learning_rate, optimizer_config=loaded.optimizer_config,
         pipeline=loaded.pipeline, optimizer_class=loaded.optimizer_class, artifact=loaded.artifact)

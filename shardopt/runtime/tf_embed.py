@@ -97,7 +97,9 @@ class StepModule(tf.Module):
             if tuple(v.shape) != spec.shape or np.dtype(v.dtype.as_numpy_dtype) != np.dtype(spec.dtype):
                 raise StepInputError(f"{name_}: the step expects {spec.dtype}{list(spec.shape)}, the variable "
                                      f"{v.name} is {v.dtype.name}{list(v.shape)}")
-        self._exported = step.executable.exported
+        # TF's XlaCallModule cannot call the compiled kernels jax registers: it runs the portable module
+        portable = step.executable.portable
+        self._exported = (portable or step.executable).exported
         self._arg_roles = tuple((a.role, a.name) for a in conv.args)
         self._result_roles = tuple((r.role, r.name) for r in conv.results)
         self.model_variables = list(flat)
