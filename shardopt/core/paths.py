@@ -18,4 +18,14 @@ def path_name(path: tuple[Any, ...]) -> str:
     return "/".join(parts) if parts else "param"
 
 
-__all__ = ["path_name"]
+def same_paths(tree: Any, treedef: Any) -> bool:
+    """Whether `tree` has the leaf paths (by name) of `treedef`, whatever its node types."""
+    import jax
+
+    got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    want = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves))[0]]
+    return got == want
+
+
+__all__ = ["path_name", "same_paths"]

@@ -33,7 +33,8 @@ from shardopt.core.contract import (
 from shardopt.core.errors import StepInputError
 from shardopt.core.layout import auto_mesh
 from shardopt.core.packing import PackGroup
-from shardopt.core.paths import path_name
+from shardopt.core.paths import path_name, same_paths
+from shardopt.core.specs import check_state_dict
 from shardopt.runtime import artifact
 from shardopt.runtime.executable import CompiledStep
 
@@ -101,7 +102,7 @@ class FunctionalStep:
     def flatten_params(self, params: Any, what: str = "params") -> list[Any]:
         leaves, treedef = jax.tree_util.tree_flatten(params)
         if treedef != self.treedef:
-            if treedef.num_leaves == self.treedef.num_leaves and _same_paths(params, self.treedef):
+            if treedef.num_leaves == self.treedef.num_leaves and same_paths(params, self.treedef):
                 return leaves  # the same structure with other node types (e.g. flax nnx State vs dicts)
             got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
             missing = [n for n in self.names if n not in got]
@@ -288,40 +289,6 @@ class FunctionalStep:
         from shardopt.runtime.jax_embed import JaxStepFunction
 
         return JaxStepFunction(self)
-
-
-def check_state_dict(expected: dict[str, Any], given: Any) -> dict[str, Any]:
-    """`given` checked against `expected` (name -> anything with `.shape` and `.dtype`): the same names, each
-    with the expected shape and dtype; a StepInputError lists everything that differs."""
-    if not isinstance(given, dict):
-        raise StepInputError(f"a state dict must be a dict of name -> array, got {type(given).__name__}")
-    missing = [k for k in expected if k not in given]
-    extra = [k for k in given if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f"missing {missing}")
-    if extra:
-        problems.append(f"unexpected {extra}")
-    for name, want in expected.items():
-        if name not in given:
-            continue
-        got = given[name]
-        shape, dtype = tuple(np.shape(got)), np.dtype(getattr(got, "dtype", np.asarray(got).dtype))
-        if shape != tuple(want.shape):
-            problems.append(f"{name}: expected shape {tuple(want.shape)}, got {shape}")
-        elif dtype != np.dtype(want.dtype):
-            problems.append(f"{name}: expected dtype {np.dtype(want.dtype)}, got {dtype}")
-    if problems:
-        raise StepInputError("the state dict does not match: " + "; ".join(problems))
-    return dict(given)
-
-
-def _same_paths(tree: Any, treedef: Any) -> bool:
-    """Whether `tree` has the leaf paths (by name) of `treedef`, whatever its node types."""
-    got = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    want = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves))[0]]
-    return got == want
 
 
 def load(path: str | os.PathLike[str], mesh: jax.sharding.Mesh | None = None) -> FunctionalStep:

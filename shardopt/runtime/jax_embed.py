@@ -17,7 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 from shardopt.core.errors import StepInputError
 from shardopt.core.layout import Layout, auto_mesh, resolve_mesh, same_mesh
 from shardopt.core.paths import path_name
-from shardopt.core.specs import VariableSpec
+from shardopt.core.specs import VariableSpec, differences
 
 Params = Any
 State = dict[str, Any]
@@ -184,16 +184,10 @@ def _layouts(params: Params) -> tuple[Any, ...]:
 def _differences(want: Signature, got: Signature) -> str:
     """What differs between two signatures, in words."""
     want_names, got_names = {n: (s, d) for n, s, d in want}, {n: (s, d) for n, s, d in got}
-    missing = [n for n in want_names if n not in got_names]
-    extra = [n for n in got_names if n not in want_names]
-    parts = []
-    if missing:
-        parts.append(f"missing {missing}")
-    if extra:
-        parts.append(f"unexpected {extra}")
-    for n, (shape, dtype) in got_names.items():
-        if n in want_names and want_names[n] != (shape, dtype):
-            parts.append(f"{n}: compiled for {want_names[n][1]}{list(want_names[n][0])}, got {dtype}{list(shape)}")
+    missing, extra, mismatched = differences(want_names, got_names)
+    parts = [f"missing {missing}"] if missing else []
+    parts += [f"unexpected {extra}"] if extra else []
+    parts += [f"{n}: compiled for {w[1]}{list(w[0])}, got {g[1]}{list(g[0])}" for n, w, g in mismatched]
     if not parts and [n for n, _, _ in want] != [n for n, _, _ in got]:
         parts.append(f"the leaves come in another order: compiled for {list(want_names)}, got {list(got_names)}")
     return "; ".join(parts[:8])
