@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "Nadam": "shardopt.optimizers.nadam",
     "Ftrl": "shardopt.optimizers.ftrl",
     "Lion": "shardopt.optimizers.lion",
+    "Adafactor": "shardopt.optimizers.adafactor",
     "ArtifactError": "shardopt.core.errors",
     "EMAOption": "shardopt.frontend.options",
     "GradientsClipOption": "shardopt.frontend.options",
@@ -44,10 +45,10 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
-    "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl", "GradientsClipOption",
-    "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD", "StepContract",
-    "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules", "tf_keras",
-    "__version__",
+    "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl",
+    "GradientsClipOption", "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules",
+    "tf_keras", "__version__",
 ]
 
 
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from shardopt.frontend import schedules
     from shardopt.frontend.options import EMAOption, GradientsClipOption
     from shardopt.optimizers.adadelta import Adadelta
+    from shardopt.optimizers.adafactor import Adafactor
     from shardopt.optimizers.adagrad import Adagrad
     from shardopt.optimizers.adam import Adam
     from shardopt.optimizers.adamax import Adamax

@@ -96,9 +96,16 @@ class StepEntry:
     index_dtype: str = "int32"
     slot_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # slots whose shape differs from the variable's
     weight_decay: bool = True        # False: excluded from the optimizer's weight decay (exclude_from_weight_decay)
+    # layouts of the slots in `slot_shapes` (derived from the variable's: Adafactor's r keeps dims [:-1]); the
+    # contract pins them, since `propagate-layouts` cannot tell which of the variable's dims a slot kept
+    slot_layouts: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def slot_shape(self, slot: str) -> tuple[int, ...]:
         return dict(self.slot_shapes).get(slot, self.shape)
+
+    def slot_layout(self, slot: str) -> tuple[Any, ...] | None:
+        """The pinned layout of a slot of another shape (None: the slot follows its variable's layout)."""
+        return dict(self.slot_layouts).get(slot)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,19 @@ class StepContract:
     def member_of(self) -> dict[str, tuple[PackGroup, int]]:
         """Variable name -> (its pack, its index in the pack), for the variables whose slots are packed."""
         return self._members
+
+    @functools.cached_property
+    def _slots_by_holder(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for a in self.args:
+            if a.role == SLOT and a.slot is not None:
+                out.setdefault(a.pack if a.pack is not None else f"variable:{a.owner}", []).append(a.slot)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def slots_of(self, variable: str) -> tuple[str, ...]:
+        """The slots `variable` has (Adafactor's rank-1 variables have `v` only), in the definition's order."""
+        packed = self.member_of().get(variable)
+        return self._slots_by_holder.get(f"variable:{variable}" if packed is None else packed[0].name, ())
 
     def slot_arg(self, variable: str, slot: str) -> tuple[TensorSpec, int | None]:
         """Where `variable`'s slot lives: its own argument (index None) or a packed buffer and the member index."""
@@ -243,7 +263,8 @@ def build_contract(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], .
     buffers (pack by pack, slot by slot), the loose slots (variable by variable), one gradient buffer per pack,
     the optimizer's own state, the counter, and the learning rate when it is an input. Results replace the
     variables and the state, and end with the learning rate the step used. Loose slots are left with open
-    layouts for `propagate-layouts`; packed buffers carry their pack's layout.
+    layouts for `propagate-layouts` (slots of another shape than their variable's come pinned, `slot_layouts`);
+    packed buffers carry their pack's layout. `slot_names` are the slots of a packed variable.
     """
     packed = {m.name for p in packs for m in p.members}
     args: list[TensorSpec] = []
@@ -268,7 +289,7 @@ def build_contract(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], .
             continue
         for s in e.slots:
             args.append(TensorSpec(slot_name(s, e.name), SLOT, e.slot_shape(s), e.dtype, owner=e.name,
-                                   donated=True, slot=s))
+                                   layout=e.slot_layout(s), donated=True, slot=s))
     for p in packs:
         args.append(TensorSpec(gradient_buffer_name(p.name), GRADIENT_BUFFER, p.shape, p.dtype, layout=p.layout,
                                donated=True, pack=p.name))

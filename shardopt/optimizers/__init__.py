@@ -11,8 +11,8 @@ from typing import Any
 _MODULE = "keras.optimizers"
 # every definition: class name -> its module (one module each)
 DEFINITIONS = {
-    "Adadelta": "adadelta", "Adagrad": "adagrad", "Adam": "adam", "AdamW": "adamw", "Adamax": "adamax",
-    "Ftrl": "ftrl", "Lion": "lion", "Nadam": "nadam", "RMSprop": "rmsprop", "SGD": "sgd",
+    "Adadelta": "adadelta", "Adafactor": "adafactor", "Adagrad": "adagrad", "Adam": "adam", "AdamW": "adamw",
+    "Adamax": "adamax", "Ftrl": "ftrl", "Lion": "lion", "Nadam": "nadam", "RMSprop": "rmsprop", "SGD": "sgd",
 }
 
 

@@ -187,18 +187,27 @@ class Optimizer(StateMixin, HyperparameterMixin):
                  mesh: Mesh | None = None) -> StepProgram:
         """The compiled step for `entries` (cached per entries, packs, mesh and learning-rate schedule)."""
         mesh = mesh or self.mesh
+        entries = tuple(self._with_slot_spec(e) for e in entries)
         if self.weight_decay is not None and (self._exclude_from_weight_decay or self._exclude_names):
             entries = tuple(dataclasses.replace(e, weight_decay=self._use_weight_decay(e.name)) for e in entries)
         key = (entries, packs, _mesh_key(mesh), self._schedule_key())
         program = self._programs.get(key)
         if program is None:
             program = compile_step(self, entries, mesh, schedule=self._schedule(), packs=packs,
-                                   slot_names=self._entry_slots(), pipeline=self.pipeline)
+                                   slot_names=self._pack_slots(), pipeline=self.pipeline)
             self._programs[key] = program
             while len(self._programs) > MAX_PROGRAMS:  # bounded: the oldest signature is compiled again if needed
                 self._programs.pop(next(iter(self._programs)))
                 self._fast_programs.clear()
         return program
+
+    def _with_slot_spec(self, e: StepEntry) -> StepEntry:
+        """`e` with the slots a variable of its shape has (`slot_dims`), and the shapes and pinned layouts of
+        those of another shape."""
+        slots, shapes, layouts = self._slot_spec(e.shape, e.layout)
+        if (slots, shapes, layouts) == (e.slots, e.slot_shapes, e.slot_layouts):
+            return e
+        return dataclasses.replace(e, slots=slots, slot_shapes=shapes, slot_layouts=layouts)
 
     def _packed_program(self, entries: tuple[StepEntry, ...]) -> StepProgram:
         """The program `apply_gradients` runs for `entries`: the slots of packed members in their packs."""
@@ -330,7 +339,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
             self.build([variable])
         index = self._var_index(variable)
         entry, arrays = gradient_entry(gradient, variable, self._entry_slots())
-        names = self.slot_names()
+        names = [s for s in self.slot_names() if s in self._slots[index]]
         sparse = entry.sparse_rows is not None
         ct = compute_dtype(variable.dtype)
         lr = self.learning_rate

@@ -52,14 +52,14 @@ def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optim
         layout.validate(shape, f"variable {name!r}")
         if not same_mesh(auto_mesh(layout.mesh), auto_mesh(mesh)):
             raise ValueError(f"variable {name!r} is laid out on a different mesh than the optimizer's")
-        entries.append(StepEntry(name, shape, str(dtype), layout.spec_tuple(), opt._entry_slots()))
+        entries.append(opt._with_slot_spec(StepEntry(name, shape, str(dtype), layout.spec_tuple(), ())))
         names.append(name)
     if len(set(names)) != len(names):
         raise ValueError(f"variable names must be unique, got duplicates in {names}")
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    slots = opt._entry_slots()
-    packs = plan_packs([(e.name, e.shape, e.dtype, e.layout) for e in entries], mesh_axes,
-                       opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
+    slots = opt._pack_slots()  # as `apply_gradients` packs: only variables with exactly these slots
+    packs = plan_packs([(e.name, e.shape, e.dtype, e.layout) for e in entries if opt._packable(e.shape)],
+                       mesh_axes, opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
     program = opt._program(tuple(entries), packs, mesh)
     schedule = opt._schedule()
     return FunctionalStep(

@@ -125,14 +125,15 @@ def _packed_buffer(group: PackGroup, sharding: NamedSharding, member_shardings: 
 
 def pack_state(names: Sequence[str], variables: Sequence[Variable], slots: Sequence[dict[str, Variable]],
                slot_names: Sequence[str], mesh: Mesh, max_elements: int) -> PackedState:
-    """Packs the slots of the small variables that share a dtype and packable layout; the slot `Variable`s
+    """Packs the slots of the small variables that share a dtype and packable layout and have exactly the slots
+    `slot_names`, each of their own shape (Adafactor's factored variables stay loose); the slot `Variable`s
     become views of the packed buffers. The variables themselves stay the user's arrays."""
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     candidates = []
     by_name: dict[str, dict[str, Variable]] = {}
     for name, var, own in zip(names, variables, slots, strict=True):
-        if not slot_names or any(s not in own or own[s].shape != var.shape or own[s]._view is not None
-                                 for s in slot_names):
+        if not slot_names or set(own) != set(slot_names) or any(
+                own[s].shape != var.shape or own[s]._view is not None for s in slot_names):
             continue
         candidates.append((name, var.shape, str(var.dtype), var.layout.spec_tuple()))
         by_name[name] = own

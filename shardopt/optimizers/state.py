@@ -64,6 +64,33 @@ class StateMixin:
         """The definition's slots, in the order `build` adds them."""
         return tuple(s for group in self.slot_groups() for s in group)
 
+    def slot_dims(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """The slots a variable of rank `rank` has, each with the variable's dims it keeps: every slot keeps them
+        all by default; Adafactor's factored `r` keeps dims [:-1] and `c` dims [:-2] + [-1:] of a rank >= 2
+        variable, and a rank < 2 variable has `v` only. A slot's shape and layout are the kept dims' ones."""
+        return {s: tuple(range(rank)) for s in self.slot_names()}
+
+    def _slot_spec(self, shape: tuple[int, ...], layout: tuple[Any, ...]
+                   ) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, Any], ...]]:
+        """A variable's step-entry slots (EMA last), and the shapes and layouts of those of another shape."""
+        full = tuple(range(len(shape)))
+        dims = self.slot_dims(len(shape))
+        other = [(s, d) for s, d in dims.items() if d != full]
+        return (tuple(dims) + ((EMA_SLOT,) if self.use_ema else ()),
+                tuple((s, tuple(shape[i] for i in d)) for s, d in other),
+                tuple((s, tuple(layout[i] for i in d)) for s, d in other))
+
+    def _pack_slots(self) -> tuple[str, ...]:
+        """The slots of a packed variable: those of a rank-1 variable, when they all keep its shape. A variable
+        packs only with exactly these slots, each of its own shape; others (Adafactor's factored matrices) stay
+        loose."""
+        slots, shapes, _ = self._slot_spec((1,), (None,))
+        return () if shapes else slots
+
+    def _packable(self, shape: tuple[int, ...]) -> bool:
+        slots, shapes, _ = self._slot_spec(tuple(shape), (None,) * len(shape))
+        return not shapes and slots == self._pack_slots()
+
     def slot_initial_value(self, slot: str) -> float | None:
         """The constant a slot starts at (None: zeros), e.g. Adagrad's `initial_accumulator_value`."""
         return None
@@ -105,10 +132,15 @@ class StateMixin:
                 self.add_variable_from_reference(v, EMA_SLOT, initial_value=v.value)
         for group in self.slot_groups():
             for v in var_list:
+                dims = self.slot_dims(len(v.shape))
                 for slot in group:
+                    if slot not in dims:
+                        continue
+                    shape = tuple(v.shape[i] for i in dims[slot])
                     fill = self.slot_initial_value(slot)
                     self.add_variable_from_reference(
-                        v, slot, initial_value=None if fill is None else np.full(v.shape, fill, v.dtype))
+                        v, slot, shape=shape, initial_value=None if fill is None else np.full(shape, fill, v.dtype),
+                        dims=dims[slot])
         self._optimizer_state = {
             name: Variable(np.asarray(value, np.float32), name=name, layout=Layout.replicated(mesh, 0))
             for name, value in self.optimizer_state_values().items()}
@@ -125,13 +157,19 @@ class StateMixin:
         return var
 
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
-                                    shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
+                                    shape: Sequence[int] | None = None, initial_value: Any = None,
+                                    dims: Sequence[int] | None = None) -> Variable:
         """A slot named `<variable_name>/<var name>` — `<optimizer name>/<variable_name>/<var name>` when the first
         `apply_gradients` builds (tf-keras builds inside the optimizer's name scope then: `Adam/m/dense`; an
         explicit `build` has no scope: `m/dense`) — with the variable's layout (zeros unless given; zeros are
-        allocated only when read, or as part of the slot's pack)."""
+        allocated only when read, or as part of the slot's pack). With `dims` (the variable's dims the slot keeps,
+        see `slot_dims`) a slot of another shape is laid out as those dims of the variable; without, replicated."""
         shape = tuple(model_variable.shape if shape is None else shape)
         layout = model_variable.layout if shape == model_variable.shape else None
+        if layout is None and dims is not None and model_variable.layout is not None:
+            spec = model_variable.layout.spec_tuple()
+            layout = Layout([spec[i] for i in dims], model_variable.layout.mesh)
+            layout.validate(shape, f"slot {variable_name!r} of {model_variable.name!r}")
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
         name = f"{self._name_scope}{variable_name}/{model_variable.name}"
@@ -174,7 +212,7 @@ class StateMixin:
     def _ensure_packed(self) -> PackedState:
         """Packs the slots once, at the first step (after `build`, so definitions have added their slots)."""
         if self._packed is None:
-            self._packed = pack_state(self._step_names, self._model_variables, self._slots, self._entry_slots(),
+            self._packed = pack_state(self._step_names, self._model_variables, self._slots, self._pack_slots(),
                                       self.mesh, self.pack_max_elements)
         return self._packed
 

@@ -28,7 +28,8 @@ What is batched, and why the rest is not (counted in the statistics under `unbat
   gets a small second reduce over its sharded dimensions, which XLA partitions as a local reduce plus an
   all-reduce (combined with the others into one). A variadic reduce over sharded dimensions would be
   partitioned with all-gathers instead, and local sums over a major dimension read with a stride ("strided");
-- never across layouts or types, and never for layouts without an unsharded dimension or unknown layouts.
+- never across layouts or types, and never for layouts without an unsharded dimension or unknown layouts;
+- never a sum whose input is computed from another sum (Adafactor's rms of its update after global clipping).
 So the collectives of a sharded step are those of the unfused step (tested on the 2x4 mesh).
 
 Numerics: each tensor's sum is still one reduction over its elements; only the order in which XLA adds
@@ -85,6 +86,9 @@ class FuseClipping(ModulePass):
         mesh = sir.mesh_axes(module)
         groups: dict[tuple[str, Any], list[SumOfSquares]] = {}
         unbatched: Counter[str] = Counter()
+        found, reading = _not_reading_sums(block, found)
+        if reading:
+            unbatched["reads another sum of squares"] += reading
         for s in found:
             lay = layouts.of(s.x)
             reason = "unknown layout" if lay is None else self._unbatchable(fir.shape_of(s.square), lay, mesh)
@@ -194,3 +198,16 @@ class FuseClipping(ModulePass):
         return collapsed, leaves_total
 
 
+
+
+def _not_reading_sums(block: ir.Block, found: list[SumOfSquares]) -> tuple[list[SumOfSquares], int]:
+    """`found` without the sums whose input depends on one of their results (Adafactor's rms of its update, which
+    reads the clipped gradient): batched with that one, a variadic reduce would read its own result. One forward
+    pass over the block; returns the rest and how many were left out."""
+    tainted: set[ir.Value] = {r for s in found for r in s.reduce.results}
+    for op in block.operations:
+        op = op.operation
+        if any(o in tainted for o in op.operands):
+            tainted.update(op.results)
+    keep = [s for s in found if s.square not in tainted]
+    return keep, len(found) - len(keep)

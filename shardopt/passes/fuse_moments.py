@@ -53,7 +53,7 @@ from shardopt.core.packing import member_layout
 from shardopt.passes import fusion_ir as fir
 from shardopt.passes.base import ModulePass, PassError, option
 from shardopt.passes.inline_calls import inline_composites
-from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for
+from shardopt.passes.update_units import Packing, Sink, Unit, build_unit, packing_for, reading_own_updates
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,8 @@ class FuseMoments(ModulePass):
                 skipped[reason] += len(unit.roots)
             else:
                 good[name] = unit
+        for name in reading_own_updates(good, fn.regions[0].blocks[0]):
+            skipped["a leaf reduces the update itself"] += len(good.pop(name).roots)
         return good
 
 

@@ -1,6 +1,7 @@
 """`propagate-layouts`: every argument and result of `@main` gets a closed Shardy sharding.
 
-Slots (m, v, vhat, EMA average) follow their variable's layout, scalars are replicated, results take the layout
+Slots (m, v, vhat, EMA average) follow their variable's layout (slots of another shape, Adafactor's factored
+r and c, come pinned by the frontend and are only checked), scalars are replicated, results take the layout
 of the state they replace. Layouts the mesh cannot hold (unknown axis, an axis used twice, a dimension not
 divisible by its axes) and slots pinned to a layout other than their variable's are errors naming the tensor,
 the dimension and the axis, raised before anything is compiled or donated.
@@ -76,8 +77,14 @@ class PropagateLayouts(ModulePass):
             lay = sir.layout_from_sharding(a.get("sdy.sharding"))
             rank = len(_shape(types[i]))
             owner = sir.string_attr(a.get("shardopt.owner"))
-            if (roles[i] in FOLLOWS_OWNER and owner is not None) or (roles[i] == GRADIENT and owner in layouts
-                                             and _shape(types[i]) == shapes.get(owner)):
+            if roles[i] == SLOT and owner in shapes and _shape(types[i]) != shapes[owner]:
+                # A slot of another shape (Adafactor's factored r and c): only the frontend knows which of the
+                # variable's dims it kept, so it arrives pinned (checked against the mesh above).
+                if lay is None:
+                    raise PassError(f"{names[i]}: a slot of shape {_shape(types[i])} for variable {owner} of shape "
+                                    f"{shapes[owner]} needs its layout pinned (derived from the variable's)")
+            elif (roles[i] in FOLLOWS_OWNER and owner is not None) or (roles[i] == GRADIENT and owner in layouts
+                                               and _shape(types[i]) == shapes.get(owner)):
                 if owner not in layouts:
                     raise PassError(f"{names[i]}: its variable {owner!r} is not an argument of @main")
                 want = layouts[owner]

@@ -139,3 +139,20 @@ def visit(unit: Unit, top: ir.Value, index: dict[ir.Value, int]) -> int:
         index[value] = len(unit.nodes)
         unit.nodes.append(node)
     return index[top]
+
+
+def reading_own_updates(units: dict[Any, Unit], block: ir.Block) -> set[Any]:
+    """The units a leaf of which is computed from some unit's own elementwise ops, e.g. Adafactor's
+    `u / max(1, rms(u))`: the broadcast rms is a leaf, but it reduces the unit's own `u`. The packed chain is
+    emitted in one place, before its first sink, so such a leaf cannot be ready for it: those units stay unfused.
+    One forward pass over the block marks every value that depends on an interior op of any unit."""
+    tainted: set[ir.Value] = {n.value for u in units.values() for n in u.nodes if n.kind == "op"}
+    if not tainted:
+        return set()
+    interior = set(tainted)
+    for op in block.operations:
+        op = op.operation
+        if any(o in tainted for o in op.operands):
+            tainted.update(op.results)
+    return {name for name, u in units.items()
+            if any(n.kind != "op" and n.value in tainted and n.value not in interior for n in u.nodes)}

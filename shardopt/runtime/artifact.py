@@ -93,7 +93,7 @@ def variables_table(contract: StepContract) -> list[dict[str, Any]]:
     for var in contract.args_with_role(VARIABLE):
         packed = members.get(var.name)
         layouts, nbytes = {}, 0
-        for slot in slot_names:
+        for slot in (s for s in slot_names if s in contract.slots_of(var.name)):
             spec, _ = contract.slot_arg(var.name, slot)
             if packed is None:
                 layouts[slot] = TensorSpec.to_json(spec)["layout"]

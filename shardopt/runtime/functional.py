@@ -152,13 +152,17 @@ class FunctionalStep:
 
     def slots(self, state: State) -> dict[str, Any]:
         """Each slot as a params-shaped pytree, packed members cut out of their buffers (for inspection and
-        checkpoints; the step itself keeps them packed)."""
+        checkpoints; the step itself keeps them packed); None where a variable lacks the slot (Adafactor's
+        rank-1 variables have no `r`, `c`)."""
         out: dict[str, Any] = {}
         members = self.contract.member_of()
         cut: dict[str, tuple[Any, ...]] = {}
         for slot in self.slot_names:
             leaves = []
             for name in self.names:
+                if slot not in self.contract.slots_of(name):
+                    leaves.append(None)
+                    continue
                 spec, index = self.contract.slot_arg(name, slot)
                 if index is None:
                     leaves.append(state[spec.name])
@@ -181,8 +185,10 @@ class FunctionalStep:
         out: dict[str, jax.Array] = {}
         slots = self.slots(state)
         for slot in self.slot_names:
-            for name, value in zip(self.names, jax.tree.leaves(slots[slot]), strict=True):
-                out[f"{slot}/{name}"] = value
+            for name, value in zip(self.names, jax.tree.leaves(slots[slot], is_leaf=lambda x: x is None),
+                                   strict=True):
+                if value is not None:
+                    out[f"{slot}/{name}"] = value
         for spec in self.contract.state:
             if spec.role == COUNTER:
                 out[CHECKPOINT_COUNTER] = state[spec.name]
@@ -195,9 +201,13 @@ class FunctionalStep:
         out: dict[str, jax.ShapeDtypeStruct] = {}
         for slot in self.slot_names:
             for name in self.names:
+                if slot not in self.contract.slots_of(name):
+                    continue
                 var = self.contract.arg(name)
-                out[f"{slot}/{name}"] = jax.ShapeDtypeStruct(var.shape, np.dtype(var.dtype),
-                                                             sharding=self._sharding(name))
+                spec, index = self.contract.slot_arg(name, slot)
+                own = index is None and spec.shape != var.shape  # a slot of another shape (Adafactor's r, c)
+                out[f"{slot}/{name}"] = jax.ShapeDtypeStruct(spec.shape if own else var.shape, np.dtype(var.dtype),
+                                                             sharding=self._sharding(spec.name if own else name))
         for spec in self.contract.state:
             if spec.role in (COUNTER, HYPERPARAMETER):
                 key = CHECKPOINT_COUNTER if spec.role == COUNTER else spec.name
