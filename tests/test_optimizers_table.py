@@ -131,9 +131,17 @@ def _kwargs(row: Row, schedules: Any) -> dict[str, Any]:
     return kwargs
 
 
+def densified(g: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """A sparse gradient as the dense one it stands for (duplicate rows summed)."""
+    dense = np.zeros(shape, np.float32)
+    np.add.at(dense, g[1], g[0])
+    return dense
+
+
 @functools.cache
-def run_shardopt(row_id: str, pack_max_elements: int | None = None,
-                 pipeline: tuple[str, ...] | None = None) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+def run_shardopt(row_id: str, pack_max_elements: int | None = None, pipeline: tuple[str, ...] | None = None,
+                 dense: bool = False) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """Snapshots after every step; with `dense`, sparse gradients are given densified (for Keras 3)."""
     row = ROWS[row_id]
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
     inits = _inits(row.variables)
@@ -149,7 +157,8 @@ def run_shardopt(row_id: str, pack_max_elements: int | None = None,
         pairs = []
         for n, g in grads.items():
             if isinstance(g, tuple):
-                g = shardopt.IndexedSlices(g[0], g[1], dense_shape=variables[n].shape)
+                g = densified(g, variables[n].shape) if dense else shardopt.IndexedSlices(
+                    g[0], g[1], dense_shape=variables[n].shape)
             pairs.append((g, variables[n]))
         opt.apply_gradients(pairs)
         snap = {f"var:{n}": v.numpy() for n, v in variables.items()}
