@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from shardopt.core.layout import layout_problem
 from shardopt.core.packing import PackGroup
 
 CONTRACT_VERSION = 2
@@ -288,8 +289,12 @@ def build_contract(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], .
         if e.name in packed:
             continue
         for s in e.slots:
+            layout = e.slot_layout(s)
+            problem = None if layout is None else layout_problem(e.slot_shape(s), layout, dict(mesh_axes))
+            if problem:  # before jax lowers it (whose error names no tensor)
+                raise ValueError(f"slot {s!r} of {e.name!r} (shape {e.slot_shape(s)}, layout {layout}): {problem}")
             args.append(TensorSpec(slot_name(s, e.name), SLOT, e.slot_shape(s), e.dtype, owner=e.name,
-                                   layout=e.slot_layout(s), donated=True, slot=s))
+                                   layout=layout, donated=True, slot=s))
     for p in packs:
         args.append(TensorSpec(gradient_buffer_name(p.name), GRADIENT_BUFFER, p.shape, p.dtype, layout=p.layout,
                                donated=True, pack=p.name))
