@@ -152,8 +152,7 @@ class FunctionalStep:
 
     def slots(self, state: State) -> dict[str, Any]:
         """Each slot as a params-shaped pytree, packed members cut out of their buffers (for inspection and
-        checkpoints; the step itself keeps them packed); None where a variable lacks the slot (Adafactor's
-        rank-1 variables have no `r`, `c`)."""
+        checkpoints; the step keeps them packed); None where a variable has no such slot (Adafactor's rank 1)."""
         out: dict[str, Any] = {}
         members = self.contract.member_of()
         cut: dict[str, tuple[Any, ...]] = {}
@@ -185,10 +184,8 @@ class FunctionalStep:
         out: dict[str, jax.Array] = {}
         slots = self.slots(state)
         for slot in self.slot_names:
-            for name, value in zip(self.names, jax.tree.leaves(slots[slot], is_leaf=lambda x: x is None),
-                                   strict=True):
-                if value is not None:
-                    out[f"{slot}/{name}"] = value
+            leaves = jax.tree.leaves(slots[slot], is_leaf=lambda x: x is None)
+            out.update({f"{slot}/{n}": v for n, v in zip(self.names, leaves, strict=True) if v is not None})
         for spec in self.contract.state:
             if spec.role == COUNTER:
                 out[CHECKPOINT_COUNTER] = state[spec.name]
@@ -203,11 +200,10 @@ class FunctionalStep:
             for name in self.names:
                 if slot not in self.contract.slots_of(name):
                     continue
-                var = self.contract.arg(name)
-                spec, index = self.contract.slot_arg(name, slot)
-                own = index is None and spec.shape != var.shape  # a slot of another shape (Adafactor's r, c)
-                out[f"{slot}/{name}"] = jax.ShapeDtypeStruct(spec.shape if own else var.shape, np.dtype(var.dtype),
-                                                             sharding=self._sharding(spec.name if own else name))
+                spec, index = self.contract.slot_arg(name, slot)  # loose: its own shape and layout (Adafactor's r)
+                spec = spec if index is None else self.contract.arg(name)
+                out[f"{slot}/{name}"] = jax.ShapeDtypeStruct(spec.shape, np.dtype(spec.dtype),
+                                                             sharding=self._sharding(spec.name))
         for spec in self.contract.state:
             if spec.role in (COUNTER, HYPERPARAMETER):
                 key = CHECKPOINT_COUNTER if spec.role == COUNTER else spec.name
