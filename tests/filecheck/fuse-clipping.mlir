@@ -239,3 +239,31 @@ module @optax_global_norm {
     return %c0, %c1, %c2 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<6xf32>
   }
 }
+
+// -----
+
+// A sum of squares of a tensor scaled by another's norm (adafactor clips each update by its RMS; an optax chain
+// may take a norm after scaling by one) depends on that other sum: the two have the same type and layout but
+// are not batched, which would make a cycle; each keeps its own reduction.
+// CHECK-LABEL: module @dependent_norms
+// CHECK:         %[[S0:.*]] = stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0, 1]
+// CHECK:         %[[B:.*]] = stablehlo.broadcast_in_dim %[[S0]]
+// CHECK:         %[[Y:.*]] = stablehlo.multiply %arg1, %[[B]]
+// CHECK:         %[[SQ:.*]] = stablehlo.multiply %[[Y]], %[[Y]]
+// CHECK:         stablehlo.reduce(%[[SQ]] init: %{{.*}}) applies stablehlo.add across dimensions = [0, 1]
+// CHECK:         return
+module @dependent_norms {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg1: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>})
+      -> (tensor<f32>, tensor<f32>) {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.broadcast_in_dim %1, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %3 = stablehlo.multiply %arg1, %2 : tensor<4x8xf32>
+    %4 = stablehlo.multiply %3, %3 : tensor<4x8xf32>
+    %5 = stablehlo.reduce(%4 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    return %1, %5 : tensor<f32>, tensor<f32>
+  }
+}
