@@ -42,6 +42,9 @@ class OptaxOptimizer(Optimizer):
     def __init__(self, tx: Any, mesh: Mesh | None = None, name: str = "optax"):
         import optax
 
+        if not isinstance(tx, optax.GradientTransformation) and callable(getattr(tx, "gradient_transformation",
+                                                                                 None)):
+            tx = tx.gradient_transformation()  # optax.MultiSteps and other wrappers that build one
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(f"from_optax takes an optax.GradientTransformation, got {type(tx).__name__}")
         super().__init__(name=name, learning_rate=0.0, mesh=mesh)  # the learning rate is inside `tx`
