@@ -2,6 +2,7 @@
 
     /work/venv/bin/python benchmarks/bench_step.py [--sets small,gpt2,gpt2-mesh,big | --quick] [--steps 20]
         [--plot benchmarks/step_time.png] [--json out.json] [--no-memory] [--memory-budget-gb G]
+        [--rows shardopt,from_optax,optax]
 
 Each row is compiled (timed: "compile s" includes the first call) and then the rows of a set are timed
 *interleaved*: each round runs one blocking step of every row, and a row's time is the median over `--steps`
@@ -79,7 +80,7 @@ class ShardoptApply(Case):
 
     def setup(self) -> None:
         ps = self.ps
-        self.opt = shardopt.Adam(learning_rate=LR, mesh=ps.mesh, global_clipnorm=self.clip)
+        self.opt = self.make_optimizer()
         if self.pipeline is not None:
             self.opt.pipeline = self.pipeline
         params = make_arrays(ps, "param")
@@ -104,6 +105,9 @@ class ShardoptApply(Case):
         self.compile_s = frontend_s + xla_s
         self.note = f"passes+lowering {frontend_s:.1f}s, XLA+first call {xla_s:.1f}s"
         self.extra.update(frontend_passes_s=frontend_s, xla_first_call_s=xla_s)
+
+    def make_optimizer(self) -> Any:
+        return shardopt.Adam(learning_rate=LR, mesh=self.ps.mesh, global_clipnorm=self.clip)
 
     def step(self) -> float:
         t0 = time.perf_counter()
@@ -137,6 +141,17 @@ class ShardoptLoop(ShardoptApply):
         self.opt.apply_gradients(zip(self.grads, self.vars, strict=True))
         block([v.value for v in self.vars])
         return time.perf_counter() - t0
+
+
+class FromOptaxApply(ShardoptApply):
+    """`shardopt.from_optax(optax.adam(...))` through `apply_gradients`: optax's update traced into shardopt's
+    frontend and passes (the issue-9 target: within 1.1x of `shardopt.Adam`'s apply_gradients)."""
+
+    def make_optimizer(self) -> Any:
+        tx = optax.adam(LR, eps=1e-7)
+        if self.clip:
+            tx = optax.chain(optax.clip_by_global_norm(self.clip), tx)
+        return shardopt.from_optax(tx, mesh=self.ps.mesh)
 
 
 class ShardoptUnchecked(Case):
@@ -300,6 +315,8 @@ def set_groups(ps: ParamSet, grads: list[jax.Array], memory: bool, with_clip: bo
                                                        "shardopt compiled module alone (call_unchecked)")],
                                 [ShardoptLoop(ps, grads, None, False, "shardopt_loop",
                                               "shardopt training loop (apply_gradients + read every value)")]]
+    groups.append([FromOptaxApply(ps, grads, None, memory, "from_optax",
+                                  "shardopt.from_optax(optax.adam) (apply_gradients)")])
     if with_clip:
         groups.append([ShardoptApply(ps, grads, 1.0, memory, "shardopt_clip",
                                      "shardopt, global_clipnorm=1.0 (apply_gradients)")])
@@ -312,10 +329,14 @@ def set_groups(ps: ParamSet, grads: list[jax.Array], memory: bool, with_clip: bo
         if torch_available():
             groups.append([TorchCase(ps, "torch", "torch Adam(fused=True)")])
             groups.append([TorchCase(ps, "torch1", "torch Adam(fused=True), 1 thread", threads=1)])
+    if ROWS:  # --rows: only the groups with a selected row (a row that times another's executable comes along)
+        groups = [g for g in groups if any(c.key in ROWS for c in g)]
     return groups
 
 
-ROW_ORDER = ["shardopt", "shardopt_loop", "shardopt_unchecked", "shardopt_clip", "optax", "optax_clip", "flat",
+ROWS: set[str] = set()  # --rows (empty: every row)
+ROW_ORDER = ["shardopt", "shardopt_loop", "shardopt_unchecked", "from_optax", "shardopt_clip", "optax", "optax_clip",
+             "flat",
              "noop", "torch", "torch1"]
 
 
@@ -329,11 +350,13 @@ def run_set(ps: ParamSet, steps: int, memory: bool, bw: dict[str, float], budget
     gc.collect()
     results = {k: results[k] for k in ROW_ORDER if k in results}
     if "torch" not in results:
-        results["torch"] = Row("torch Adam(fused=True)", note="skipped: torch is not installed")
+        results["torch"] = Row("torch Adam(fused=True)", note="skipped: " + (
+            "not selected (--rows)" if ROWS and torch_available() else "torch is not installed"))
     roof_ms = BYTES_PER_ELEMENT * ps.device_elements() / (bw["gbps"] * 1e9) * 1e3
     results["roofline"] = Row(f"roofline: {BYTES_PER_ELEMENT} B/element / {bw['gbps']:.1f} GB/s", roof_ms,
                               note=f"{ps.device_elements() / 1e6:.1f}M elements over all devices")
-    base, tch = results["optax"].ms, results["torch"].ms
+    base = results["optax"].ms if "optax" in results else None
+    tch = results["torch"].ms
     headers = ["row", "median ms", "x optax", "x torch fused", "x roofline", "compile s", "XLA temp bytes", "note"]
     table = []
     for r in results.values():
@@ -343,7 +366,14 @@ def run_set(ps: ParamSet, steps: int, memory: bool, bw: dict[str, float], budget
     print(f"\n### {ps.key}: {ps.title}; {ps.count} tensors, {ps.elements / 1e6:.1f}M params, median of {steps} "
           f"interleaved steps, load avg {load_average()}\n")
     print_table(headers, table)
-    clip, plain = results["shardopt_clip"], results["shardopt"]
+    plain = results.get("shardopt", Row("shardopt"))
+    fo = results.get("from_optax")
+    r_fo = ratio(fo.ms, plain.ms) if fo is not None else None
+    if r_fo is not None:
+        print(f"\nfrom_optax target (shardopt.from_optax(optax.adam) <= 1.1x shardopt.Adam, apply_gradients): "
+              f"{r_fo:.2f}x ({fmt(fo.ms)} vs {fmt(plain.ms)} ms; first step {fmt(fo.compile_s, '.1f')} vs "
+              f"{fmt(plain.compile_s, '.1f')} s) -> {'MET' if r_fo <= 1.1 else 'NOT MET'}")
+    clip = results.get("shardopt_clip", Row("shardopt_clip"))
     r = ratio(clip.ms, plain.ms)
     if r is not None:
         mem_ok = clip.temp_bytes is not None and clip.temp_bytes <= SCALAR_TEMP_BYTES
@@ -354,8 +384,8 @@ def run_set(ps: ParamSet, steps: int, memory: bool, bw: dict[str, float], budget
         print(f"\nclip target (shardopt+global_clipnorm <= 1.15x shardopt, no XLA temp buffers): {r:.2f}x; "
               f"{fmt(clip.temp_bytes, ',')} temp bytes ({kind}; the unclipped step has {fmt(plain.temp_bytes, ',')})"
               f" -> {'MET' if ok else 'NOT MET'}")
-    loop, opt_row = results.get("shardopt_loop"), results["optax"]
-    r_loop = ratio(loop.ms, opt_row.ms) if loop is not None else None
+    loop, opt_row = results.get("shardopt_loop"), results.get("optax")
+    r_loop = ratio(loop.ms, opt_row.ms) if loop is not None and opt_row is not None else None
     if r_loop is not None:
         first = ratio(loop.compile_s, opt_row.compile_s)
         print(f"training loop (apply_gradients + read every value) / jax.jit(optax.adam): {r_loop:.2f}x; first step "
@@ -441,6 +471,8 @@ def child_args(args: argparse.Namespace) -> list[str]:
         out += ["--pipeline", args.pipeline]
     if args.memory_budget_gb is not None:
         out += ["--memory-budget-gb", str(args.memory_budget_gb)]
+    if args.rows:
+        out += ["--rows", args.rows]
     return out
 
 
@@ -490,10 +522,13 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true",
                     help="run every set in this process (default: one child process per set, so each set starts "
                     "with the memory the previous one used given back)")
+    ap.add_argument("--rows", default=None, help="comma-separated row keys to run (default: all): "
+                    + ",".join(ROW_ORDER))
     ap.add_argument("--child-set", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-bandwidth", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    ROWS.update(r.strip() for r in (args.rows or "").split(",") if r.strip())
     t_start = time.perf_counter()
     if args.child_set:
         child_main(args)

@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "Variable": "shardopt.optimizers.variables",
     "VariableSpec": "shardopt.core.specs",
     "as_optax": "shardopt.runtime.jax_embed",
+    "from_optax": "shardopt.optimizers.optax_optimizer",
     "keras": "shardopt.keras",
     "tf_keras": "shardopt.tf_keras",
     "load": "shardopt.runtime.functional",
@@ -47,8 +48,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl",
     "GradientsClipOption", "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD",
-    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules",
-    "tf_keras", "__version__",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "from_optax", "keras", "load",
+    "schedules", "tf_keras", "__version__",
 ]
 
 
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from shardopt.optimizers.ftrl import Ftrl
     from shardopt.optimizers.lion import Lion
     from shardopt.optimizers.nadam import Nadam
+    from shardopt.optimizers.optax_optimizer import from_optax
     from shardopt.optimizers.rmsprop import RMSprop
     from shardopt.optimizers.sgd import SGD
     from shardopt.optimizers.variables import Variable

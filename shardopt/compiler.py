@@ -57,9 +57,14 @@ def compile_step(rule: UpdateRule, entries: Sequence[StepEntry], mesh: Mesh, *, 
     """Compiles the step of `rule` for `entries` on `mesh`: the learning rate is `schedule` (compiled in) or a
     runtime input; the slots of `packs`' members live packed."""
     mesh_axes = tuple(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    init = getattr(rule, "optimizer_state_values", getattr(rule, "optimizer_state_init", dict))()
+    specs = getattr(rule, "optimizer_state_specs", None)  # (name, shape, dtype[, layout]) of state not float32[]
+    if specs is not None:
+        state = tuple(specs(list(entries)))
+    else:
+        init = getattr(rule, "optimizer_state_values", getattr(rule, "optimizer_state_init", dict))()
+        state = tuple((n, (), "float32") for n in init)
     contract = build_contract(list(entries), mesh_axes, has_lr_input=schedule is None, packs=packs,
-                              slot_names=slot_names, optimizer_state=tuple((n, (), "float32") for n in init))
+                              slot_names=slot_names, optimizer_state=state)
     fn = make_step_fn(rule, contract, list(entries), schedule)
     lowered = lower_step(fn, contract, mesh)
     result = run_pipeline(lowered.module_text, pipeline)

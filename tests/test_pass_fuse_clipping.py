@@ -46,13 +46,18 @@ def test_filecheck():
     assert stats[2]["batched_reductions"] == 0
     assert stats[2]["unbatched"] == {"strided": 1, "no unsharded dimension": 1}
     assert stats[3]["packed_gradient_norms"] == 1 and stats[3]["norm_tree_leaves"] == 3
+    # optax's `x*x + 0*0`: the squares are found, two batched, the tree (with its +0.0 leaf) collapsed
+    assert stats[4]["sums_of_squares"] == 3 and stats[4]["tensors_per_group"] == {"1": 1, "2": 1}
+    assert stats[4]["norm_trees_collapsed"] == 1 and stats[4]["norm_tree_leaves"] == 4
+    # a square computed from the other's norm: found, same group key but a deeper norm, so never batched with it
+    assert stats[5]["sums_of_squares"] == 2 and stats[5]["batched_reductions"] == 0, stats[5]
 
 
 def test_filecheck_max_operands():
     """max-operands=1: one reduction per gradient, so no variadic reduce."""
     rc, err, stats = filecheck(PASS, "fuse-clipping{max-operands=1}", prefixes=("ONE",))
     assert rc == 0, err
-    assert [s["batched_reductions"] for s in stats] == [0, 0, 0, 0], stats
+    assert [s["batched_reductions"] for s in stats] == [0, 0, 0, 0, 0, 0], stats
     assert stats[0]["tensors_per_group"] == {"1": 3}, stats
 
 

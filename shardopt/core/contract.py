@@ -257,7 +257,7 @@ def counter_dtype() -> np.dtype:
 
 def build_contract(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], ...], has_lr_input: bool,
                    packs: tuple[PackGroup, ...] = (), slot_names: tuple[str, ...] = (),
-                   optimizer_state: tuple[tuple[str, tuple[int, ...], str], ...] = ()) -> StepContract:
+                   optimizer_state: tuple[tuple[Any, ...], ...] = ()) -> StepContract:
     """The one place a step's arguments and results are decided.
 
     Arguments, in order: every variable (entry order), every gradient (and sparse row indices), the packed slot
@@ -298,9 +298,9 @@ def build_contract(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], .
     for p in packs:
         args.append(TensorSpec(gradient_buffer_name(p.name), GRADIENT_BUFFER, p.shape, p.dtype, layout=p.layout,
                                donated=True, pack=p.name))
-    for name, shape, dtype in optimizer_state:
-        args.append(TensorSpec(name, OPTIMIZER_STATE, tuple(shape), dtype, layout=(None,) * len(shape),
-                               donated=True))
+    for name, shape, dtype, *layout in optimizer_state:  # replicated unless a layout is given
+        args.append(TensorSpec(name, OPTIMIZER_STATE, tuple(shape), dtype, donated=True,
+                               layout=tuple(layout[0]) if layout else (None,) * len(shape)))
     args.append(TensorSpec(COUNTER_NAME, COUNTER, (), str(counter_dtype()), layout=(), donated=True))
     if has_lr_input:
         args.append(TensorSpec(LEARNING_RATE_NAME, HYPERPARAMETER, (), "float32", layout=()))

@@ -55,6 +55,10 @@ class UpdateRule(Protocol):
 
     def update_global(self, state: State, t: jax.Array) -> State: ...
 
+    # Optional, instead of the per-variable methods: `update_tree(entries, variables, grads, slots, state,
+    # iterations) -> (variables, slots, state)` updates every variable at once (dense gradients of the variables'
+    # shapes, by entry name; `state`: the optimizer-level state). `from_optax` traces optax's update through it.
+
 
 def compute_dtype(dtype: Any) -> np.dtype:
     """Half-precision variables are updated in float32 and rounded once (shardopt's decision, spec top)."""
@@ -95,10 +99,16 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
         glob = {a.name: arg[a.name] for a in contract.args_with_role(OPTIMIZER_STATE)}
         skipped = glob.pop(SKIPPED_STEPS, None)  # present with skip_nonfinite
         old_glob = dict(glob)
-        if glob:
-            glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
-        new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
-                                              glob, loose={e.name for e in entries if e.name not in members})
+        update_tree = getattr(rule, "update_tree", None)
+        if update_tree is not None:  # a rule of the whole tree at once (from_optax): no per-variable options
+            dense = [jnp.broadcast_to(g if idx is None else _densify(g, idx, e.shape), e.shape)
+                     for e, (g, idx) in zip(entries, grads, strict=True)]
+            new_vars, new_slots, glob = update_tree(entries, variables, dense, slots, glob, iterations)
+        else:
+            if glob:
+                glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
+            new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
+                                                  glob, loose={e.name for e in entries if e.name not in members})
         step_taken = jnp.asarray(1, iterations.dtype)
         if skipped is not None:  # skip_nonfinite: keep every old value unless all gradients are finite
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g, _ in grads]))

@@ -84,22 +84,23 @@ class FuseClipping(ModulePass):
         found, packed = reduce_packed_gradients(block, found)
         layouts = fir.Shardings(module)
         mesh = sir.mesh_axes(module)
-        groups: dict[tuple[str, Any], list[SumOfSquares]] = {}
+        groups: dict[tuple[str, Any, int], list[SumOfSquares]] = {}
         unbatched: Counter[str] = Counter()
         found, reading = _not_reading_sums(block, found)
         if reading:
             unbatched["reads another sum of squares"] += reading
+        depth = _norm_depths(block, found)
         for s in found:
             lay = layouts.of(s.x)
             reason = "unknown layout" if lay is None else self._unbatchable(fir.shape_of(s.square), lay, mesh)
             if reason:
                 unbatched[reason] += 1
             else:
-                groups.setdefault((str(s.square.type), lay), []).append(s)
+                groups.setdefault((str(s.square.type), lay, depth[s.square]), []).append(s)
         position = {op.operation: i for i, op in enumerate(block.operations)}
         sizes: Counter[int] = Counter()
         batched = 0
-        for (_, layout), members in groups.items():
+        for (_, layout, _), members in groups.items():
             for i in range(0, len(members), self.max_operands):
                 chunk = members[i:i + self.max_operands]
                 sizes[len(chunk)] += 1
@@ -211,3 +212,20 @@ def _not_reading_sums(block: ir.Block, found: list[SumOfSquares]) -> tuple[list[
             tainted.update(op.results)
     keep = [s for s in found if s.square not in tainted]
     return keep, len(found) - len(keep)
+
+
+def _norm_depths(block: ir.Block, found: list[SumOfSquares]) -> dict[ir.Value, int]:
+    """How many of the `found` sums of squares lie on the longest path to each value (in one pass, in order).
+    Two sums whose squares have the same depth are independent, so one variadic reduce may compute both; a square
+    computed from another's norm (adafactor clips each update by its own RMS after packed chains mix them, optax
+    chains may scale by a norm before taking another) is deeper, and batching it would make a cycle."""
+    reduces = {s.reduce for s in found}
+    depth: dict[ir.Value, int] = {}
+    for op in block.operations:
+        op = op.operation
+        d = max((depth.get(v, 0) for v in fir.used_values(op)), default=0)
+        if op in reduces:
+            d += 1
+        for r in op.results:
+            depth[r] = d
+    return depth

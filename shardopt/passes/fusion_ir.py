@@ -156,7 +156,7 @@ def stable_topo_sort(block: ir.Block) -> int:
     index = {op: i for i, op in enumerate(body)}
     deps: list[set[int]] = [set() for _ in body]
     for i, op in enumerate(body):
-        for v in _used_values(op):
+        for v in used_values(op):
             d = op_of(v)
             if d is not None and d in index:  # values defined inside nested regions are not in `index`
                 deps[i].add(index[d])
@@ -184,12 +184,13 @@ def stable_topo_sort(block: ir.Block) -> int:
     return moved
 
 
-def _used_values(op: ir.Operation) -> Iterable[ir.Value]:
+def used_values(op: ir.Operation) -> Iterable[ir.Value]:
+    """The values `op` reads: its operands and those of the ops in its regions."""
     yield from op.operands
     for region in op.regions:
         for blk in region.blocks:
             for inner in blk.operations:
-                yield from _used_values(inner.operation)
+                yield from used_values(inner.operation)
 
 
 def run_textual(module: ir.Module, pipeline: str) -> None:

@@ -37,13 +37,38 @@ def match_sum_of_squares(op: ir.Operation) -> SumOfSquares | None:
         return None
     if set(inner[0].operands) != set(body.arguments) or inner[1].operands[0] != inner[0].result:
         return None
-    mul = fir.op_of(fir.look_through(square))
+    square = _without_zero_square(fir.look_through(square))
+    mul = fir.op_of(square)
     if mul is None or mul.name != "stablehlo.multiply":
         return None
     a, b = (fir.look_through(v) for v in mul.operands)
     if a != b:
         return None
     return SumOfSquares(op, square, a)
+
+
+def _is_zero_tensor(value: ir.Value) -> bool:
+    """A splat +0.0, or a broadcast of a scalar +0.0 (how jax writes `zeros_like`)."""
+    value = fir.look_through(value)
+    op = fir.op_of(value)
+    if op is not None and op.name == "stablehlo.broadcast_in_dim":
+        value = op.operands[0]
+    return fir.is_zero(value)
+
+
+def _without_zero_square(value: ir.Value) -> ir.Value:
+    """`x*x` for `x*x + 0*0` (either order), else `value`. optax squares `x.real` and `x.imag` of a real x, which
+    jax lowers as `x*x + 0*0`; `x*x` is +0, positive, inf or NaN, so adding +0 changes no bit and the sum of
+    squares may read `x*x` itself."""
+    op = fir.op_of(value)
+    if op is None or op.name != "stablehlo.add":
+        return value
+    for square, other in ((op.operands[0], op.operands[1]), (op.operands[1], op.operands[0])):
+        zero = fir.op_of(fir.look_through(other))
+        if _is_zero_tensor(other) or (zero is not None and zero.name == "stablehlo.multiply"
+                                      and all(_is_zero_tensor(v) for v in zero.operands)):
+            return fir.look_through(square)
+    return value
 
 
 def tree_root(value: ir.Value) -> ir.Operation | None:

@@ -184,3 +184,86 @@ module @packed_gradient {
     return %c0, %c2 : tensor<14xf32>, tensor<4x8xf32>
   }
 }
+
+// -----
+
+// optax's global norm (`optax.clip_by_global_norm`): optax squares `x.real` and `x.imag`, which jax lowers for a
+// real x as `x*x + 0*0` (the zeros a broadcast of a scalar +0.0), and its add tree starts from +0.0. Adding +0.0
+// to a square changes no bit, so the sum of squares reads `x*x`: the two replicated f32[4,8] share a variadic
+// reduce of the squares themselves, and the add tree (with its +0.0 leaf) collapses into one reduction.
+// CHECK-LABEL: module @optax_global_norm
+// ONE-LABEL:   module @optax_global_norm
+// ONE-NOT:     reducer(
+// CHECK:         %[[SQ0:.*]] = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
+// CHECK:         %[[SQ1:.*]] = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+// CHECK:         %[[BATCH:.*]]:2 = stablehlo.reduce(%[[SQ0]] init: %{{.*}}), (%[[SQ1]] init: %{{.*}}) across dimensions = [0, 1]
+// CHECK-SAME:      -> (tensor<f32>, tensor<f32>)
+// CHECK:         %[[STACK:.*]] = stablehlo.concatenate {{.*}} dim = 0 : (tensor<1xf32>, tensor<1xf32>, tensor<1xf32>, tensor<1xf32>) -> tensor<4xf32>
+// CHECK:         %[[TOTAL:.*]] = stablehlo.reduce(%[[STACK]] init: %{{.*}}) applies stablehlo.add across dimensions = [0]
+// CHECK-NOT:     stablehlo.add {{.*}} : tensor<f32>
+// CHECK:         stablehlo.sqrt %[[TOTAL]] : tensor<f32>
+// CHECK:         return
+module @optax_global_norm {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg1: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg2: tensor<6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>})
+      -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<6xf32>) {
+    %cst = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %one = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
+    %1 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %2 = stablehlo.multiply %1, %1 : tensor<4x8xf32>
+    %3 = stablehlo.add %0, %2 : tensor<4x8xf32>
+    %4 = stablehlo.multiply %arg1, %arg1 : tensor<4x8xf32>
+    %5 = stablehlo.multiply %1, %1 : tensor<4x8xf32>
+    %6 = stablehlo.add %4, %5 : tensor<4x8xf32>
+    %7 = stablehlo.multiply %arg2, %arg2 : tensor<6xf32>
+    %8 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<6xf32>
+    %9 = stablehlo.multiply %8, %8 : tensor<6xf32>
+    %10 = stablehlo.add %7, %9 : tensor<6xf32>
+    %11 = stablehlo.reduce(%3 init: %cst) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %12 = stablehlo.reduce(%6 init: %cst) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %13 = stablehlo.reduce(%10 init: %cst) applies stablehlo.add across dimensions = [0] : (tensor<6xf32>, tensor<f32>) -> tensor<f32>
+    %14 = stablehlo.add %cst, %11 : tensor<f32>
+    %15 = stablehlo.add %14, %12 : tensor<f32>
+    %16 = stablehlo.add %15, %13 : tensor<f32>
+    %17 = stablehlo.sqrt %16 : tensor<f32>
+    %18 = stablehlo.divide %one, %17 : tensor<f32>
+    %19 = stablehlo.minimum %18, %one : tensor<f32>
+    %b0 = stablehlo.broadcast_in_dim %19, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %b1 = stablehlo.broadcast_in_dim %19, dims = [] : (tensor<f32>) -> tensor<6xf32>
+    %c0 = stablehlo.multiply %arg0, %b0 : tensor<4x8xf32>
+    %c1 = stablehlo.multiply %arg1, %b0 : tensor<4x8xf32>
+    %c2 = stablehlo.multiply %arg2, %b1 : tensor<6xf32>
+    return %c0, %c1, %c2 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<6xf32>
+  }
+}
+
+// -----
+
+// A sum of squares of a tensor scaled by another's norm (adafactor clips each update by its RMS; an optax chain
+// may take a norm after scaling by one) depends on that other sum: the two have the same type and layout but
+// are not batched, which would make a cycle; each keeps its own reduction.
+// CHECK-LABEL: module @dependent_norms
+// CHECK:         %[[S0:.*]] = stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0, 1]
+// CHECK:         %[[B:.*]] = stablehlo.broadcast_in_dim %[[S0]]
+// CHECK:         %[[Y:.*]] = stablehlo.multiply %arg1, %[[B]]
+// CHECK:         %[[SQ:.*]] = stablehlo.multiply %[[Y]], %[[Y]]
+// CHECK:         stablehlo.reduce(%[[SQ]] init: %{{.*}}) applies stablehlo.add across dimensions = [0, 1]
+// CHECK:         return
+module @dependent_norms {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg1: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>})
+      -> (tensor<f32>, tensor<f32>) {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<4x8xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.broadcast_in_dim %1, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %3 = stablehlo.multiply %arg1, %2 : tensor<4x8xf32>
+    %4 = stablehlo.multiply %3, %3 : tensor<4x8xf32>
+    %5 = stablehlo.reduce(%4 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    return %1, %5 : tensor<f32>, tensor<f32>
+  }
+}
