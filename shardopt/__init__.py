@@ -48,8 +48,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl",
     "GradientsClipOption", "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD",
-    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "from_optax", "keras", "load",
-    "schedules", "tf_keras", "__version__",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "from_optax", "keras",
+    "load", "schedules", "tf_keras", "__version__",
 ]
 
 
