@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "Variable": "shardopt.optimizers.variables",
     "VariableSpec": "shardopt.core.specs",
     "as_optax": "shardopt.runtime.jax_embed",
+    "inject_hyperparams": "shardopt.runtime.optax_hyperparams",
     "keras": "shardopt.keras",
     "tf_keras": "shardopt.tf_keras",
     "load": "shardopt.runtime.functional",
@@ -46,7 +47,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl", "GradientsClipOption",
     "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD", "StepContract",
-    "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules", "tf_keras",
+    "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "inject_hyperparams", "keras", "load",
+    "schedules", "tf_keras",
     "__version__",
 ]
 
@@ -86,3 +88,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from shardopt.optimizers.variables import Variable
     from shardopt.runtime.functional import load
     from shardopt.runtime.jax_embed import as_optax
+    from shardopt.runtime.optax_hyperparams import inject_hyperparams

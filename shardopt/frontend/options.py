@@ -149,6 +149,11 @@ def learning_rate_value(learning_rate: Any) -> Any:
         return learning_rate
     if learning_rate is None:
         raise ValueError("`learning_rate` must not be None (tf.Variable: initial_value must be set)")
+    if isinstance(learning_rate, jax.core.Tracer):
+        raise TypeError("`learning_rate` is a traced value (inside jax.jit, e.g. from `optax.inject_hyperparams`"
+                        "): a shardopt optimizer is compiled once, with a concrete learning rate. For a learning "
+                        "rate that changes between steps use `shardopt.inject_hyperparams(shardopt.Adam)("
+                        "learning_rate=...)` (optax) or assign `opt.learning_rate = x` (stateful)")
     if callable(learning_rate) and not isinstance(learning_rate, (jax.Array, np.ndarray)):
         learning_rate = learning_rate()
     if isinstance(learning_rate, (str, bytes)) or _is_bool(learning_rate) or np.ndim(learning_rate) != 0:
