@@ -143,6 +143,15 @@ def merge_grouped(explicit: dict[str, Any], defaults: dict[str, Any], grouped: A
     return out
 
 
+def callable_name(learning_rate: Any) -> str | None:
+    """The name of a learning rate given as a plain callable (tf-keras calls it once), else None."""
+    if isinstance(learning_rate, schedules.LearningRateSchedule) or isinstance(learning_rate, (jax.Array, np.ndarray)):
+        return None
+    if not callable(learning_rate):
+        return None
+    return getattr(learning_rate, "__name__", None) or type(learning_rate).__name__
+
+
 def learning_rate_value(learning_rate: Any) -> Any:
     """A schedule is kept; a callable is called once and frozen; anything else becomes a float32 scalar."""
     if isinstance(learning_rate, schedules.LearningRateSchedule):
