@@ -223,3 +223,47 @@ def test_only_the_learning_rate_is_injectable():
         shardopt.inject_hyperparams(optax.adam(1e-3))
     with pytest.raises(ValueError, match="must be finite"):
         shardopt.inject_hyperparams(shardopt.Adam)(learning_rate=float("nan"))
+
+
+def test_sharded_nnx_model_under_set_mesh():
+    """flax's sharding guide (an Explicit-axes mesh, model and optimizer built under `jax.set_mesh`) with the
+    learning rate changed mid-run: the kernel keeps its layout, losses match optax's inject_hyperparams."""
+    nnx = pytest.importorskip("flax.nnx")
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("batch", "model"))
+    x4, y4 = X[:, :4], np.sin(X[:, :4].sum(1, keepdims=True))
+
+    class Sharded(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 16, rngs=rngs,
+                                 kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model")),
+                                 bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("model",)))
+            self.l2 = nnx.Linear(16, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    def run(tx):
+        with jax.set_mesh(mesh):
+            model = Sharded(nnx.Rngs(0))
+            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+            @nnx.jit
+            def step(model, optimizer, x, y):
+                loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+                optimizer.update(model, grads)
+                return loss
+
+            x, y = jax.device_put(x4, P("batch")), jax.device_put(y4, P("batch"))
+            losses = []
+            for i in range(20):
+                if i == 10:
+                    optimizer.opt_state.hyperparams["learning_rate"][...] = 3e-3
+                losses.append(float(step(model, optimizer, x, y)))
+            return np.asarray(losses), model.l1.kernel[...].sharding.spec
+
+    losses, spec = run(shardopt.inject_hyperparams(shardopt.Adam)(learning_rate=1e-3))
+    ref, _ = run(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, eps=1e-7))
+    assert spec == P(None, "model")
+    np.testing.assert_allclose(losses, ref, rtol=RTOL)
