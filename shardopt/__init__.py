@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "VariableSpec": "shardopt.core.specs",
     "as_optax": "shardopt.runtime.jax_embed",
     "from_optax": "shardopt.optimizers.optax_optimizer",
+    "inject_hyperparams": "shardopt.runtime.optax_hyperparams",
     "keras": "shardopt.keras",
     "tf_keras": "shardopt.tf_keras",
     "load": "shardopt.runtime.functional",
@@ -48,8 +49,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl",
     "GradientsClipOption", "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD",
-    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "from_optax", "keras",
-    "load", "schedules", "tf_keras", "__version__",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "from_optax",
+    "inject_hyperparams", "keras", "load", "schedules", "tf_keras", "__version__",
 ]
 
 
@@ -90,3 +91,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from shardopt.optimizers.variables import Variable
     from shardopt.runtime.functional import load
     from shardopt.runtime.jax_embed import as_optax
+    from shardopt.runtime.optax_hyperparams import inject_hyperparams

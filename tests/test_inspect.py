@@ -90,15 +90,21 @@ def test_diff_between_stages(step, report):
 
 
 class PageParser(HTMLParser):
-    """Collects section ids, rows per table id, stage blocks and any external reference."""
+    """Collects section ids, rows per table id (and each header row's cells, captions, bar labels), stage blocks
+    and any external reference."""
 
     def __init__(self):
         super().__init__()
         self.sections, self.details, self.external = [], [], []
         self.rows: dict[str, list[list[str]]] = {}
-        self._table = None
-        self._row = None
-        self._cell = None
+        self.header_rows: dict[str, list[list[str]]] = {}  # table id -> rows inside <thead>
+        self.row_headers: dict[str, list[str]] = {}  # table id -> <th scope="row"> texts
+        self.captions: dict[str, str] = {}
+        self.bars: list[dict[str, str]] = []  # attributes of each span.bar, with the text of the cell around it
+        self._table = self._row = self._cell = None
+        self._thead = False
+        self._caption = None
+        self._bar_cell = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -109,27 +115,51 @@ class PageParser(HTMLParser):
         elif tag == "table":
             self._table = a.get("id")
             self.rows[self._table] = []
+            self.header_rows[self._table] = []
+        elif tag == "thead":
+            self._thead = True
+        elif tag == "caption":
+            self._caption = ""
         elif tag == "tr" and self._table:
             self._row = []
         elif tag in ("td", "th") and self._row is not None:
             self._cell = ""
+            if tag == "th" and a.get("scope") == "row":
+                self.row_headers.setdefault(self._table, []).append(None)
+        elif tag == "span" and "bar" in (a.get("class") or "").split():
+            self.bars.append(dict(a))
+            self._bar_cell = self.bars[-1]
         for key in ("src", "href"):
             if key in a:
                 self.external.append(a[key])
 
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self._cell is not None:
+            if self.row_headers.get(self._table) and self.row_headers[self._table][-1] is None:
+                self.row_headers[self._table][-1] = self._cell
             self._row.append(self._cell)
+            if self._bar_cell is not None:
+                self._bar_cell["cell"] = self._cell
+                self._bar_cell = None
             self._cell = None
         elif tag == "tr" and self._row is not None:
             self.rows[self._table].append(self._row)
+            if self._thead:
+                self.header_rows[self._table].append(self._row)
             self._row = None
+        elif tag == "thead":
+            self._thead = False
+        elif tag == "caption":
+            self.captions[self._table] = self._caption
+            self._caption = None
         elif tag == "table":
             self._table = None
 
     def handle_data(self, data):
         if self._cell is not None:
             self._cell += data
+        if self._caption is not None:
+            self._caption += data
 
 
 def test_html_page_is_self_contained_and_complete(step, report, tmp_path):
@@ -142,7 +172,7 @@ def test_html_page_is_self_contained_and_complete(step, report, tmp_path):
     assert page.sections == ["summary", "pipeline", "variables", "memory", "cost", "collectives", "stages", "diffs"]
     assert page.external == []  # one file: no scripts, styles or images from elsewhere
     pipeline = page.rows["pipeline-table"]
-    assert pipeline[0] == ["stage", "ops", "time", "statistics"]
+    assert pipeline[0] == ["stage", "ops", "time", "share of pass time"]
     assert [r[0] for r in pipeline[1:]] == ["frontend", *step.pipeline]
     variables = page.rows["variables-table"]
     assert [r[0] for r in variables[1:]] == [*step.names, "total"]
@@ -166,3 +196,35 @@ def test_loaded_artifact_reports_the_same(step, report, tmp_path):
     for name in ("frontend", "cleanup"):
         assert loaded.stage_text(name) == report.stage_text(name)
     assert loaded.summary()["artifact"].startswith(str(path))
+
+
+def test_html_tables_bars_and_statistics_are_for_people(step, report):
+    """issue 12: times on one line, no empty header row, labelled bars, statistics as tables (one per pass)."""
+    page = PageParser()
+    page.feed(report.to_html())
+    stats_tables = [f"stats-{n}" for n in step.pipeline]
+    assert list(page.rows) == ["summary-table", "pipeline-table", *stats_tables, "variables-table", "memory-table",
+                               "cost-table", "collectives-table"]
+    for table, header_rows in page.header_rows.items():  # one header row of named columns, or none at all
+        assert len(header_rows) <= 1 and all(cell.strip() for row in header_rows for cell in row), table
+    assert page.header_rows["summary-table"] == []  # its rows are headed by their names instead
+    assert page.row_headers["summary-table"] == list(report.summary())
+    passes = page.rows["pipeline-table"][2:]  # below the header and the frontend
+    for row in passes:
+        assert row[2].endswith("\u00a0ms") and " " not in row[2]  # number and unit held together
+    assert len(page.bars) == len(step.pipeline)
+    for bar, row in zip(page.bars, passes, strict=True):
+        assert bar["role"] == "img" and bar["aria-label"] == bar["title"]
+        assert bar["aria-label"].startswith(f"{row[0]}: ") and "% of the pass time" in bar["aria-label"]
+        assert bar["cell"].endswith("%")  # the share is written beside the bar, not only drawn
+    stages = {s.name: s for s in step.program.pipeline.stages}
+    for name in step.pipeline:
+        table = page.rows[f"stats-{name}"]
+        assert page.captions[f"stats-{name}"] == name and table[0] == ["what", "value", "key"]
+        keys = [k for r in table[1:] for k in r[2].split(", ")]
+        assert sorted(keys) == sorted(stages[name].stats)  # every statistic, each under its words
+    cleanup = page.rows["stats-cleanup"][1:]
+    assert cleanup == [["operations", f"{stages['cleanup'].stats['ops_before']} -> "
+                        f"{stages['cleanup'].stats['ops_after']}", "ops_before, ops_after"]]
+    fuse = {r[2]: r for r in page.rows["stats-fuse-clipping"][1:]}
+    assert fuse["sums_of_squares"][0] == "gradient norms (sums of squares)"

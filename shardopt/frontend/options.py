@@ -143,12 +143,26 @@ def merge_grouped(explicit: dict[str, Any], defaults: dict[str, Any], grouped: A
     return out
 
 
+def callable_name(learning_rate: Any) -> str | None:
+    """The name of a learning rate given as a plain callable (tf-keras calls it once), else None."""
+    if isinstance(learning_rate, schedules.LearningRateSchedule) or isinstance(learning_rate, (jax.Array, np.ndarray)):
+        return None
+    if not callable(learning_rate):
+        return None
+    return getattr(learning_rate, "__name__", None) or type(learning_rate).__name__
+
+
 def learning_rate_value(learning_rate: Any) -> Any:
     """A schedule is kept; a callable is called once and frozen; anything else becomes a float32 scalar."""
     if isinstance(learning_rate, schedules.LearningRateSchedule):
         return learning_rate
     if learning_rate is None:
         raise ValueError("`learning_rate` must not be None (tf.Variable: initial_value must be set)")
+    if isinstance(learning_rate, jax.core.Tracer):
+        raise TypeError("`learning_rate` is a traced value (inside jax.jit, e.g. from `optax.inject_hyperparams`"
+                        "): a shardopt optimizer is compiled once, with a concrete learning rate. For a learning "
+                        "rate that changes between steps use `shardopt.inject_hyperparams(shardopt.Adam)("
+                        "learning_rate=...)` (optax) or assign `opt.learning_rate = x` (stateful)")
     if callable(learning_rate) and not isinstance(learning_rate, (jax.Array, np.ndarray)):
         learning_rate = learning_rate()
     if isinstance(learning_rate, (str, bytes)) or _is_bool(learning_rate) or np.ndim(learning_rate) != 0:

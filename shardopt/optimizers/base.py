@@ -88,6 +88,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         options.check_ema(ema["use_ema"], ema["ema_momentum"], ema["ema_overwrite_frequency"])
         options.check_clip(clip["clipnorm"], clip["clipvalue"], clip["global_clipnorm"])
         options.check_kwargs(dict(kwargs))
+        self._lr_callable = options.callable_name(learning_rate)  # for `learning_rate_source`
         learning_rate = options.learning_rate_value(learning_rate)  # tf-keras checks it after the kwargs
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")

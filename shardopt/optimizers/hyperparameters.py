@@ -24,6 +24,7 @@ class HyperparameterMixin:
     _iterations: Variable | None
     _built: bool
     _schedule_cache: tuple[Any, str]
+    _lr_callable: str | None
     mesh: Any
     pipeline: tuple[str, ...]
 
@@ -50,10 +51,26 @@ class HyperparameterMixin:
                             "`learning_rate` constructor argument, hence its learning rate is not settable. If "
                             "you need the learning rate to be settable, you should instantiate the optimizer "
                             "with a float `learning_rate` argument.")
+        self._lr_callable = options.callable_name(value)
         self._learning_rate = options.learning_rate_value(value)
         self._lr_array = None
 
     lr = learning_rate
+
+    @property
+    def learning_rate_source(self) -> str:
+        """Where the learning rate comes from, in words: a constant (a runtime input of the step), a schedule
+        (compiled into the step) or a callable (called once, its value frozen)."""
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            config = ", ".join(f"{k}={v:.7g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in lr.get_config().items() if k != "name" and v is not None)
+            return (f"schedule {type(lr).__name__}({config}), compiled into the step and evaluated at "
+                    "`iterations`")
+        value = f"{float(lr):.7g}"
+        if getattr(self, "_lr_callable", None):
+            return f"callable {self._lr_callable}, called once when set: {value} (a runtime input of the step)"
+        return f"constant {value} (a runtime input of the step: `opt.learning_rate = x` changes it, no recompile)"
 
     @property
     def iterations(self) -> Variable:

@@ -105,6 +105,18 @@ def _explicit_sharding(x: Any) -> Any:
     return sharding
 
 
+def _as_jit_returns(x: jax.Array) -> jax.Array:
+    """`x` with its sharding spelled as a jitted update returns it (`P()`, not `P(None,)`): jit's cache tells the
+    two apart, so a state straight from `init` would retrace the user's training step once."""
+    s = x.sharding
+    if not isinstance(s, NamedSharding):
+        return x
+    spec = tuple(s.spec)
+    strip = spec[: max((i + 1 for i, a in enumerate(spec) if a is not None), default=0)]
+    return x if strip == spec else jax.device_put(x, NamedSharding(s.mesh, jax.sharding.PartitionSpec(*strip),
+                                                                    memory_kind=s.memory_kind))
+
+
 def _same_spec(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """Partition specs equal up to trailing unsharded dimensions."""
     strip = lambda t: tuple(t[: max((i + 1 for i, x in enumerate(t) if x is not None), default=0)])
@@ -245,7 +257,10 @@ def as_optax(optimizer: Any) -> Any:
         if not found:
             if not steps:
                 raise RuntimeError("shardopt.as_optax: `update` was called before `init`: call `init(params)` "
-                                   "eagerly (outside jax.jit) first; it compiles the step")
+                                   "eagerly (outside jax.jit) first; it compiles the step. (A transformation "
+                                   "rebuilt at every update, as `optax.inject_hyperparams` does, never finds its "
+                                   "step: for a learning rate that changes between steps use "
+                                   "`shardopt.inject_hyperparams(shardopt.Adam)(learning_rate=...)`.)")
             nearest = min({sig for sig, _ in steps}, key=lambda k: len(_differences(k, key)))
             raise StepInputError("shardopt.as_optax: these params differ from those `init(params)` compiled the "
                                  f"step for: {_differences(nearest, key)}")
@@ -266,7 +281,7 @@ def as_optax(optimizer: Any) -> Any:
         key = (_signature(params), tuple(tuple(s.layout.to_partition_spec()) for s in jax.tree.leaves(specs)))
         if key not in steps:
             steps[key] = as_jax_function(optimizer.compile(specs))
-        return ShardoptState.from_step_state(steps[key].init(params))
+        return ShardoptState.from_step_state(jax.tree.map(_as_jit_returns, steps[key].init(params)))
 
     def update_fn(updates: Params, state: ShardoptState, params: Params | None = None
                   ) -> tuple[Params, ShardoptState]:
