@@ -98,7 +98,8 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
         if glob:
             glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
         new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
-                                              glob, loose={e.name for e in entries if e.name not in members})
+                                              glob, loose={e.name for e in entries if e.name not in members
+                                                           and not e.shard_state_over})  # sharded state: no kernel
         step_taken = jnp.asarray(1, iterations.dtype)
         if skipped is not None:  # skip_nonfinite: keep every old value unless all gradients are finite
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g, _ in grads]))
