@@ -11,10 +11,14 @@ Training", 2020; the compiler-side ZeRO-1/2): a variable whose argument carries 
 axes, keeps its own layout while its loose slots are laid out by `core.layout.state_layout`: the axes go onto
 the first dimension divisible by them. Each device then holds and updates 1/N of the state, and the new variable
 is computed on the same shard and all-gathered (the pass pins it with an `sdy.sharding_constraint` before the
-replicated result, so XLA gathers one variable rather than every slot). Where no dimension divides, the state
-follows the variable (`state_fallback` in the statistics) unless `shardopt.shard_state_required` is set, which
-makes it an error. Packed slots (members of `shardopt.members`) keep their pack's layout (`state_packed`), and an
-update already lowered to a whole-tensor kernel call is left alone (`state_kernel`).
+replicated result, so XLA gathers one variable rather than every slot). Gradients keep the variable's layout:
+each device slices its shard locally, so `apply_gradients` takes the replicated gradients it always took; inside
+a user's jit the gradient's all-reduce then feeds only that slice (XLA:GPU/TPU's reduce-scatter pattern; XLA:CPU
+has no such rewrite and keeps all-reduce + dynamic-slice, tests/test_state_sharding.py). Where no dimension
+divides, the state follows the variable (`state_fallback` in the statistics) unless
+`shardopt.shard_state_required` is set, which makes it an error. Packed slots (members of `shardopt.members`)
+keep their pack's layout (`state_packed`), and an update already lowered to a whole-tensor kernel call is left
+alone (`state_kernel`).
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ class PropagateLayouts(ModulePass):
             out.append(tuple(want))
         sir.set_result_attrs(fn, [{"sdy.sharding": sir.sharding_attr(lay, len(lay))} for lay in out])
         stats["results"] = len(out)
-        _pin_updates(fn, results, state, len(args))
+        _pin_updates(fn, results, state)
         return stats
 
     def _state_layouts(self, fn: Any, args: list[dict[str, ir.Attribute]], names: list[str], roles: list[str | None],
@@ -190,8 +194,7 @@ def _return_op(fn: Any) -> ir.Operation:
     return list(fn.regions[0].blocks[0].operations)[-1].operation
 
 
-def _pin_updates(fn: Any, results: list[dict[str, ir.Attribute]], state: dict[str, tuple[Any, ...]],
-                 n_args: int) -> None:
+def _pin_updates(fn: Any, results: list[dict[str, ir.Attribute]], state: dict[str, tuple[Any, ...]]) -> None:
     """Pins the new value of each state-sharded variable to its state's layout right before it is returned:
     the update then runs on each device's shard of the slots (gradient and old variable are sliced locally),
     and the partitioner all-gathers the one new variable into its replicated result."""
