@@ -157,12 +157,6 @@ class PropagateLayouts(ModulePass):
                               "state_packed": 0, "state_kernel": 0})
             required = own is not None and "shardopt.shard_state_required" in a
             name = names[i]
-            if name in packed or name in kernels:
-                why = "its slots are packed" if name in packed else "its update is a whole-tensor kernel call"
-                if required:
-                    raise PassError(f"{name}: cannot shard its state over {'x'.join(axes)}: {why}")
-                stats["state_packed" if name in packed else "state_kernel"] += 1
-                continue
             lay, why = state_layout(_shape(types[i]), layouts[name], axes, mesh)
             if lay is None:
                 if required:
@@ -170,9 +164,16 @@ class PropagateLayouts(ModulePass):
                 stats["state_fallback"] += 1
                 stats.setdefault("state_fallback_variables", []).append(name)
                 continue
-            if tuple(lay) != tuple(layouts[name]):
-                out[name] = tuple(lay)
-                stats["state_sharded"] += 1
+            if tuple(lay) == tuple(layouts[name]):
+                continue  # already split over the axes
+            if name in packed or name in kernels:
+                why = "its slots are packed" if name in packed else "its update is a whole-tensor kernel call"
+                if required:
+                    raise PassError(f"{name}: cannot shard its state over {'x'.join(axes)}: {why}")
+                stats["state_packed" if name in packed else "state_kernel"] += 1
+                continue
+            out[name] = tuple(lay)
+            stats["state_sharded"] += 1
         return out
 
 
