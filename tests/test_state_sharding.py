@@ -170,8 +170,10 @@ OPTIMIZERS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("cls, kwargs", OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
 def test_every_optimizer_through_the_base(mesh, cls, kwargs):
-    base_vars, base = _train(mesh, cls, steps=2, **kwargs)
-    vars_, opt = _train(mesh, cls, steps=2, shard_state_over="batch", **kwargs)
+    # unpacked on both sides: a packed update is fused with its pack's peers, and XLA may contract the fused
+    # chain differently (SGD's nesterov update on the packed embedding differs by 1 ulp from the loose one)
+    base_vars, base = _train(mesh, cls, steps=2, pack_max_elements=0, **kwargs)
+    vars_, opt = _train(mesh, cls, steps=2, shard_state_over="batch", pack_max_elements=0, **kwargs)
     for a, b in zip(base_vars, vars_, strict=True):
         np.testing.assert_array_equal(np.asarray(a.numpy()), np.asarray(b.numpy()), err_msg=a.name)
     kernel = next(v for v in vars_ if v.name == "dense/kernel")
