@@ -353,3 +353,15 @@ def test_checkpoint_moves_between_sharded_and_replicated_state(mesh):
         plain.apply_gradients(zip(grads, copies, strict=True))
     for a, b in zip(variables, copies, strict=True):
         np.testing.assert_array_equal(np.asarray(a.numpy()), np.asarray(b.numpy()), err_msg=a.name)
+
+
+def test_finalize_variable_values_gathers_the_sharded_average(mesh):
+    rng = np.random.default_rng(6)
+    variables = _model(mesh, rng)[:2]
+    opt = shardopt.Adam(0.05, mesh=mesh, use_ema=True, shard_state_over="batch")
+    opt.apply_gradients(zip(_grads(variables, rng, 0), variables, strict=True))
+    average = np.asarray(opt.get_slot(variables[0], "average").numpy())
+    opt.finalize_variable_values(variables)
+    assert variables[0].value.sharding.spec == P(None, "model")  # its own layout, not the state's
+    np.testing.assert_array_equal(np.asarray(variables[0].numpy()), average)
+    opt.apply_gradients(zip(_grads(variables, rng, 1), variables, strict=True))  # the next step takes it

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -219,7 +220,9 @@ class StateMixin:
         if not self.use_ema:
             return
         for v in var_list:
-            v._set(self._slots[self._var_index(v)][EMA_SLOT].value + 0)
+            average = self._slots[self._var_index(v)][EMA_SLOT].value + 0
+            # with shard_state_over the average is sharded beyond the variable's layout: gather it back
+            v._set(average if average.sharding == v.sharding else jax.device_put(average, v.sharding))
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
