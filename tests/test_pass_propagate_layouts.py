@@ -14,7 +14,11 @@ def test_filecheck():
     rc, err, stats = filecheck(PASS)
     assert rc == 0, err
     # m/w, grad/w and m/b follow their variable, the learning rate is replicated, w and b are checked
-    assert stats == [{"arguments": 6, "followed_owner": 3, "replicated": 1, "checked": 2, "results": 4}], stats
+    # second chunk (weight-update sharding asked per variable): m/w follows w onto ["batch"]; b cannot, falls back
+    state = {"state_sharded": 1, "state_sharded_slots": 1, "state_fallback": 1, "state_packed": 0, "state_kernel": 0,
+             "state_fallback_variables": ["b"]}
+    assert stats == [{"arguments": 6, "followed_owner": 3, "replicated": 1, "checked": 2, "results": 4},
+                     {"arguments": 5, "followed_owner": 2, "replicated": 0, "checked": 3, "results": 4, **state}], stats
 
 
 def test_slot_pinned_elsewhere_is_an_error():

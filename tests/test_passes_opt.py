@@ -84,8 +84,8 @@ def test_output_file(tmp_path, capsys):
 
 def test_failing_chunk_reports_and_the_others_still_print(tmp_path, capsys):
     path = tmp_path / "three.mlir"
-    good = (FILECHECK_DIR / "propagate-layouts.mlir").read_text()
-    path.write_text(NO_MESH + "// -----\n" + good + "// -----\nthis is not MLIR\n")
+    good = split_input((FILECHECK_DIR / "propagate-layouts.mlir").read_text())[0]  # its first chunk
+    path.write_text(NO_MESH + "// -----\n" + good + "\n// -----\nthis is not MLIR\n")
     assert main(["-p", "propagate-layouts", str(path), "--split-input-file"]) == 1
     out, err = capsys.readouterr()
     assert f"{path} (chunk 0): error: PassError: module has no `sdy.mesh @mesh`" in err

@@ -54,7 +54,10 @@ class TensorSpec:
     `layout` is a PartitionSpec-like tuple (None = unsharded dim, str or tuple of str = mesh axes), or None
     when the frontend leaves the layout open for the `propagate-layouts` pass to decide. `owner` is the variable
     a gradient or loose slot belongs to; `slot` names a slot ("m", "v", "average"); `pack` names the pack a
-    packed buffer holds (its members are the pack's, in `StepContract.packs`).
+    packed buffer holds (its members are the pack's, in `StepContract.packs`). On a variable,
+    `shard_state_over` names the mesh axes its slots are sharded over as well (weight-update sharding,
+    `core.layout.state_layout`); `shard_state_required` makes "no dimension divides" an error instead of a
+    fallback to the variable's layout.
     """
 
     name: str
@@ -66,9 +69,15 @@ class TensorSpec:
     donated: bool = False
     slot: str | None = None
     pack: str | None = None
+    shard_state_over: tuple[str, ...] = ()
+    shard_state_required: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not self.shard_state_over:  # written only where set: contracts without state sharding read as before
+            del d["shard_state_over"], d["shard_state_required"]
+        else:
+            d["shard_state_over"] = list(self.shard_state_over)
         d["shape"] = list(self.shape)
         d["layout"] = None if self.layout is None else [list(a) if isinstance(a, tuple) else a for a in self.layout]
         return d
@@ -80,6 +89,8 @@ class TensorSpec:
             name=d["name"], role=d["role"], shape=tuple(d["shape"]), dtype=d["dtype"], owner=d.get("owner"),
             layout=None if layout is None else tuple(tuple(a) if isinstance(a, list) else a for a in layout),
             donated=bool(d.get("donated", False)), slot=d.get("slot"), pack=d.get("pack"),
+            shard_state_over=tuple(d.get("shard_state_over", ())),
+            shard_state_required=bool(d.get("shard_state_required", False)),
         )
 
 
@@ -100,6 +111,8 @@ class StepEntry:
     # layouts of the slots in `slot_shapes` (derived from the variable's: Adafactor's r keeps dims [:-1]); the
     # contract pins them, since `propagate-layouts` cannot tell which of the variable's dims a slot kept
     slot_layouts: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    shard_state_over: tuple[str, ...] = ()  # mesh axes the slots are sharded over too (weight-update sharding)
+    shard_state_required: bool = False      # True (asked per variable): no divisible dimension is an error
 
     def slot_shape(self, slot: str) -> tuple[int, ...]:
         return dict(self.slot_shapes).get(slot, self.shape)
@@ -270,7 +283,8 @@ def build_contract(entries: list[StepEntry], mesh_axes: tuple[tuple[str, int], .
     packed = {m.name for p in packs for m in p.members}
     args: list[TensorSpec] = []
     for e in entries:
-        args.append(TensorSpec(e.name, VARIABLE, e.shape, e.dtype, layout=e.layout, donated=True))
+        args.append(TensorSpec(e.name, VARIABLE, e.shape, e.dtype, layout=e.layout, donated=True,
+                               shard_state_over=e.shard_state_over, shard_state_required=e.shard_state_required))
     for e in entries:
         if e.sparse_rows is None:
             gshape = e.grad_shape if e.grad_shape is not None else e.shape

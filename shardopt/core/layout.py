@@ -183,3 +183,47 @@ def default_mesh(device: Any = None) -> Mesh:
     """A one-device mesh for optimizers created without `mesh=` (on `device`, default the first device)."""
     return Mesh(np.array([device if device is not None else jax.devices()[0]]), ("replica",),
                 axis_types=(AxisType.Auto,))
+
+
+def state_axes(spec: Any) -> tuple[str, ...]:
+    """A `shard_state_over` value for one variable (None, a mesh axis name, or a tuple/list of them) as a tuple
+    of axis names (empty: the state follows the variable)."""
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        return (spec,)
+    if isinstance(spec, (tuple, list)) and all(isinstance(a, str) for a in spec):
+        if len(set(spec)) != len(spec):
+            raise ValueError(f"shard_state_over names a mesh axis twice: {tuple(spec)}")
+        return tuple(spec)
+    raise TypeError(f"shard_state_over must be a mesh axis name or a tuple of them, got {spec!r}")
+
+
+def state_layout(shape: Sequence[int], layout: Sequence[Any], axes: Sequence[str], mesh_axes: dict[str, int]
+                 ) -> tuple[tuple[Any, ...] | None, str]:
+    """Where weight-update sharding (Xu et al. 2020) puts the optimizer state of a variable of `shape` and
+    `layout` when its state is sharded over the mesh `axes` as well: (the slots' layout, why) — the one rule
+    behind `propagate-layouts` and the optimizers' slot placement.
+
+    Axes the layout already uses are dropped (the state is already split over them); axes of size 1 change
+    nothing and are dropped too. The remaining axes go together, minor to any axes already there, onto the
+    first dimension whose size is divisible by its existing shards times their sizes. When no dimension is,
+    the layout is None and `why` says so (the caller falls back to the variable's layout or raises)."""
+    for a in axes:
+        if a not in mesh_axes:
+            return None, f"unknown mesh axis {a!r}; the mesh has axes {list(mesh_axes)}"
+    dims = [() if e is None or e == UNSHARDED else ((e,) if isinstance(e, str) else tuple(e)) for e in layout]
+    used = {a for d in dims for a in d}
+    extra = tuple(a for a in axes if a not in used and mesh_axes[a] > 1)
+    if not extra:
+        return tuple(layout), "already split over " + "x".join(axes) if axes else "no axes"
+    factor = int(np.prod([mesh_axes[a] for a in extra], dtype=np.int64))
+    for d, size in enumerate(shape):
+        shards = int(np.prod([mesh_axes[a] for a in dims[d]], dtype=np.int64))
+        if size % (shards * factor) == 0 and size > 0:
+            new = dims[d] + extra
+            out = list(layout)
+            out[d] = new[0] if len(new) == 1 else new
+            return tuple(None if e == UNSHARDED else e for e in out), f"dimension {d}"
+    return None, (f"no dimension of shape {tuple(shape)} is divisible by its shards times {'x'.join(extra)} "
+                  f"(size {factor})")

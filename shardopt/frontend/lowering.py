@@ -1,7 +1,9 @@
 """Lowers a flat step function to an annotated StableHLO module with Shardy shardings on every argument and
 result, donation for variables, slots and the counter, and the step contract written into the IR: every argument
 and result carries `shardopt.name`, `shardopt.role` and, where they apply, `shardopt.owner`, `shardopt.slot`,
-`shardopt.pack` and (on packed buffers) `shardopt.members`, the names of the pack's members in order. Passes
+`shardopt.pack` and (on packed buffers) `shardopt.members`, the names of the pack's members in order; a variable
+whose state is sharded over more axes (weight-update sharding) carries `shardopt.shard_state_over` (and
+`shardopt.shard_state_required` when asked per variable). Passes
 learn what they need from these attributes alone."""
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def _spec_attrs(spec: TensorSpec, current: ir.Attribute | None, members: dict[st
             attrs[f"shardopt.{key}"] = ir.StringAttr.get(value)
     if spec.pack is not None:
         attrs["shardopt.members"] = members[spec.pack]
+    if spec.shard_state_over:  # weight-update sharding asked for this variable's slots (propagate-layouts)
+        attrs["shardopt.shard_state_over"] = ir.ArrayAttr.get([ir.StringAttr.get(a) for a in spec.shard_state_over])
+        if spec.shard_state_required:
+            attrs["shardopt.shard_state_required"] = ir.BoolAttr.get(True)
     rank = len(spec.shape)
     if current is None or "@empty_mesh" in str(current):
         attrs["sdy.sharding"] = sir.sharding_attr(spec.layout if rank else (), rank)

@@ -30,6 +30,7 @@ from shardopt.core.contract import (
     StepEntry,
     gradient_name,
 )
+from shardopt.core.layout import state_layout
 from shardopt.core.packing import PackGroup
 from shardopt.frontend import clipping
 
@@ -108,7 +109,8 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
             if glob:
                 glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
             new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
-                                                  glob, loose={e.name for e in entries if e.name not in members})
+                                                  glob, loose={e.name for e in entries if e.name not in members
+                                                               and not _state_sharded(e, contract)})
         step_taken = jnp.asarray(1, iterations.dtype)
         if skipped is not None:  # skip_nonfinite: keep every old value unless all gradients are finite
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g, _ in grads]))
@@ -138,6 +140,15 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
         return tuple(out[r.name] for r in contract.results)
 
     return step
+
+
+def _state_sharded(e: StepEntry, contract: StepContract) -> bool:
+    """Whether `propagate-layouts` will shard `e`'s slots beyond its layout (then its update must not become a
+    whole-tensor kernel call)."""
+    if not e.shard_state_over:
+        return False
+    lay, _ = state_layout(e.shape, e.layout, e.shard_state_over, dict(contract.mesh_axes))
+    return lay is not None and tuple(lay) != tuple(e.layout)
 
 
 def _gathered_gradients(pack: PackGroup, entries: list[StepEntry],

@@ -36,7 +36,7 @@ from shardopt.core.contract import (
 from shardopt.core.packing import PACK_MAX_ELEMENTS, PackGroup
 from shardopt.frontend import options
 from shardopt.frontend.step import compute_dtype
-from shardopt.optimizers import checkpoint
+from shardopt.optimizers import checkpoint, state_sharding
 from shardopt.optimizers.functional import compile_functional
 from shardopt.optimizers.gradients import dense_entry, gradient_entry
 from shardopt.optimizers.hyperparameters import HyperparameterMixin
@@ -77,6 +77,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         gradients_clip_option: options.GradientsClipOption | None = None,
         ema_option: options.EMAOption | None = None,
         skip_nonfinite: bool = False,
+        shard_state_over: state_sharding.ShardStateOver = None,
         **kwargs: Any,
     ):
         ema = options.merge_grouped(
@@ -106,6 +107,8 @@ class Optimizer(StateMixin, HyperparameterMixin):
         # Like optax's apply_if_finite: a step whose gradients are not all finite changes no variable or slot and
         # does not advance `iterations`; `skipped_steps` (optimizer state) counts such steps.
         self.skip_nonfinite = bool(skip_nonfinite)
+        # Weight-update sharding (optimizers/state_sharding.py): slots sharded over these mesh axes as well.
+        self.shard_state_over = state_sharding.check(shard_state_over)
         self.mesh = mesh
         self.pipeline: tuple[str, ...] = DEFAULT_PIPELINE
         self._learning_rate: Any = learning_rate
@@ -191,6 +194,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         entries = tuple(self._with_slot_spec(e) for e in entries)
         if self.weight_decay is not None and (self._exclude_from_weight_decay or self._exclude_names):
             entries = tuple(dataclasses.replace(e, weight_decay=self._use_weight_decay(e.name)) for e in entries)
+        entries = state_sharding.with_requests(self.shard_state_over, entries)
         key = (entries, packs, _mesh_key(mesh), self._schedule_key())
         program = self._programs.get(key)
         if program is None:

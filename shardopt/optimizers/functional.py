@@ -13,6 +13,7 @@ from shardopt.core.contract import EMA_SLOT, StepEntry
 from shardopt.core.layout import Layout, as_layout, auto_mesh, default_mesh, same_mesh
 from shardopt.core.packing import plan_packs
 from shardopt.core.specs import VariableSpec
+from shardopt.optimizers import state_sharding
 from shardopt.optimizers.variables import Variable
 from shardopt.runtime.functional import (
     SLOT_INIT_FROM_VARIABLE,
@@ -58,8 +59,10 @@ def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optim
         raise ValueError(f"variable names must be unique, got duplicates in {names}")
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     slots = opt._pack_slots()  # as `apply_gradients` packs: only variables with exactly these slots
-    packs = plan_packs([(e.name, e.shape, e.dtype, e.layout) for e in entries if opt._packable(e.shape)],
-                       mesh_axes, opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
+    # variables whose state is sharded beyond their layout stay loose (optimizers/state_sharding.py)
+    packable = [(e.name, e.shape, e.dtype, e.layout) for e in entries if opt._packable(e.shape)
+                and not state_sharding.is_sharded(opt.shard_state_over, e.name, e.shape, e.layout, mesh_axes)]
+    packs = plan_packs(packable, mesh_axes, opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
     program = opt._program(tuple(entries), packs, mesh)
     schedule = opt._schedule()
     return FunctionalStep(

@@ -12,6 +12,7 @@ import numpy as np
 from shardopt.core.contract import counter_dtype
 from shardopt.core.layout import Layout
 from shardopt.frontend import options, schedules
+from shardopt.optimizers import state_sharding
 from shardopt.optimizers.variables import Variable
 
 
@@ -116,8 +117,11 @@ class HyperparameterMixin:
 
     def get_config(self) -> dict[str, Any]:
         """tf-keras's keys and values (jit_compile is the effective flag: False without a GPU); shardopt's own
-        `skip_nonfinite` only when it is on, so a default config stays tf-keras's."""
+        `skip_nonfinite` and `shard_state_over` only when set, so a default config stays tf-keras's."""
         extra = {"skip_nonfinite": True} if getattr(self, "skip_nonfinite", False) else {}
+        shard_state = state_sharding.config_value(getattr(self, "shard_state_over", None))
+        if shard_state is not None:
+            extra["shard_state_over"] = shard_state
         return {**extra, **{
             "name": self.name,
             "weight_decay": self.weight_decay,

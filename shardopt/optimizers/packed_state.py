@@ -133,8 +133,9 @@ def pack_state(names: Sequence[str], variables: Sequence[Variable], slots: Seque
     by_name: dict[str, dict[str, Variable]] = {}
     for name, var, own in zip(names, variables, slots, strict=True):
         if not slot_names or set(own) != set(slot_names) or any(
-                own[s].shape != var.shape or own[s]._view is not None for s in slot_names):
-            continue
+                own[s].shape != var.shape or own[s]._view is not None or own[s].layout != var.layout
+                for s in slot_names):
+            continue  # (slots laid out unlike their variable, e.g. with shard_state_over, stay loose)
         candidates.append((name, var.shape, str(var.dtype), var.layout.spec_tuple()))
         by_name[name] = own
     packs = plan_packs(candidates, mesh_axes, max_elements) if max_elements > 0 else ()

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -15,6 +16,7 @@ from jax.sharding import Mesh
 from shardopt.core.contract import EMA_SLOT
 from shardopt.core.layout import Layout, auto_mesh, default_mesh, resolve_mesh, same_mesh
 from shardopt.core.packing import PackGroup
+from shardopt.optimizers import state_sharding
 from shardopt.optimizers.packed_state import PackedState, pack_state
 from shardopt.optimizers.variables import Variable
 
@@ -170,6 +172,8 @@ class StateMixin:
             spec = model_variable.layout.spec_tuple()
             layout = Layout([spec[i] for i in dims], model_variable.layout.mesh)
             layout.validate(shape, f"slot {variable_name!r} of {model_variable.name!r}")
+        if layout is not None and id(model_variable) in self._index:
+            layout = self._state_layout(model_variable, layout)
         if layout is None:
             layout = Layout.replicated(self.mesh or default_mesh(), len(shape))
         name = f"{self._name_scope}{variable_name}/{model_variable.name}"
@@ -181,6 +185,18 @@ class StateMixin:
         if id(model_variable) in self._index:
             self._slots[self._index[id(model_variable)]][variable_name] = slot
         return slot
+
+    def _state_layout(self, var: Variable, layout: Layout) -> Layout:
+        """The layout of `var`'s slots: its own, or sharded over `shard_state_over` as well
+        (optimizers/state_sharding.py)."""
+        value = getattr(self, "shard_state_over", None)
+        if value is None:
+            return layout
+        mesh = layout.mesh
+        axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+        spec = state_sharding.slot_layout(value, self._step_names[self._index[id(var)]], tuple(var.shape),
+                                          layout.spec_tuple(), axes)
+        return layout if spec == layout.spec_tuple() else Layout(list(spec), mesh)
 
     def get_slot(self, var: Variable, slot_name: str) -> Variable:
         """The slot `slot_name` ("m", "v", "vhat", "average", ...) of `var`."""
@@ -242,7 +258,9 @@ class StateMixin:
         if not self.use_ema:
             return
         for v in var_list:
-            v._set(self._slots[self._var_index(v)][EMA_SLOT].value + 0)
+            average = self._slots[self._var_index(v)][EMA_SLOT].value + 0
+            # with shard_state_over the average is sharded beyond the variable's layout: gather it back
+            v._set(average if average.sharding == v.sharding else jax.device_put(average, v.sharding))
 
 
 def unique_names(names: Sequence[str]) -> list[str]:

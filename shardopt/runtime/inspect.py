@@ -119,7 +119,8 @@ class Report:
             "state": f"{fmt_bytes(state_bytes_per_device(conv))} per device in {len(conv.state)} buffers"
                      + (f" ({len(conv.packs)} packs: "
                         + ", ".join(f"{p.name} {len(p.members)} variables" for p in conv.packs) + ")"
-                        if conv.packs else ""),
+                        if conv.packs else "")
+                     + _sharded_state(conv),
             "built with": " · ".join(f"{k} {built.get(k, '?')}" for k in ("shardopt", "jax", "jaxlib", "stablehlo"))
                           + f" (portable target {built.get('stablehlo_target', '?')})",
         }
@@ -212,6 +213,21 @@ class Report:
 
     def write_html(self, path: str | os.PathLike[str]) -> None:
         atomic_write(path, [self.to_html().encode("utf-8")])
+
+
+def _sharded_state(contract: Any) -> str:
+    """`; slots of N variables sharded over AXES as well` when the step shards state beyond the variables'
+    layouts (`shard_state_over`), else ''."""
+    axes: set[str] = set()
+    count = 0
+    for var in contract.args_with_role("variable"):
+        if not var.shard_state_over or contract.member_of().get(var.name) is not None:
+            continue
+        spec, _ = contract.slot_arg(var.name, contract.slot_names()[0]) if contract.slot_names() else (None, None)
+        if spec is not None and spec.layout != var.layout:
+            count += 1
+            axes.update(var.shard_state_over)
+    return f"; slots of {count} variables sharded over {'x'.join(sorted(axes))} as well" if count else ""
 
 
 def _indent(text: str, by: str = "  ") -> str:
