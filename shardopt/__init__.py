@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "GradientsClipOption": "shardopt.frontend.options",
     "IndexedSlices": "shardopt.core.specs",
     "Layout": "shardopt.core.layout",
+    "NotInThisProcessError": "shardopt.core.errors",
     "Optimizer": "shardopt.optimizers.base",
     "PassError": "shardopt.core.errors",
     "StepContract": "shardopt.core.contract",
@@ -45,8 +46,9 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl", "GradientsClipOption",
-    "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD", "StepContract",
-    "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules", "tf_keras",
+    "IndexedSlices", "Layout", "Lion", "Nadam", "NotInThisProcessError", "Optimizer", "PassError", "RMSprop", "SGD",
+    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "keras", "load", "schedules",
+    "tf_keras",
     "__version__",
 ]
 
@@ -67,7 +69,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from shardopt.core.contract import StepContract
-    from shardopt.core.errors import ArtifactError, PassError, StepInputError
+    from shardopt.core.errors import ArtifactError, NotInThisProcessError, PassError, StepInputError
     from shardopt.core.layout import UNSHARDED, Layout
     from shardopt.core.specs import IndexedSlices, VariableSpec
     from shardopt.frontend import schedules
