@@ -1,9 +1,16 @@
-"""Host gradients in a multi-process job: steps/s of a compiled Adam step on a 2x4 ('batch', 'model') mesh
-when the gradients come as numpy arrays, as jax arrays placed once, or are placed per step without jax's
-cross-process check.
+"""A compiled Adam step on a 2x4 ('batch', 'model') mesh, in 2 processes x 4 CPU devices (gloo, loopback) or in
+one process with 8: host gradients (`--model host-grads`, the default) and GPT-2 small (`--model gpt2`).
 
     python benchmarks/bench_multiprocess.py                  # 2 processes x 4 CPU devices (gloo, loopback)
     python benchmarks/bench_multiprocess.py --processes 1    # the same in one process with 8 devices
+    python benchmarks/bench_multiprocess.py --model gpt2 [--processes 1]
+
+GPT-2 small (shardopt.model_zoo.gpt2_small: 148 float32 tensors, 124M parameters, Megatron layouts on 'model',
+replicated on 'batch'): per variant, step time (median), the collectives in the partitioned HLO and the state
+bytes per device. Variants: no clipping (no collectives at all), global_clipnorm with the default pipeline
+(fixed-order-sums: the norm's per-device partial sums are all-gathered and added in one order, so 1 and 2
+processes agree bitwise) and global_clipnorm without fixed-order-sums (XLA's all-reduce, whose order of addition
+is gloo's or XLA's own). Gradients are placed once (`make_array_from_callback`), so no host transfer is timed.
 
 Modes (functional step `step(params, grads, state)`, and the Keras-shaped `apply_gradients`):
   numpy     numpy gradients: the step's `jax.device_put(g, sharding)` runs `multihost_utils.assert_equal` per
@@ -14,7 +21,10 @@ Modes (functional step `step(params, grads, state)`, and the Keras-shaped `apply
             only its devices' slices, no cross-process check (the host arrays must already agree: user's
             promise). `jax.make_array_from_process_local_data` is the same for per-process (data-parallel) data.
 
-On 2 shared CPU cores the absolute numbers are small and noisy; the ratios are the point.
+On 2 shared CPU cores the absolute numbers are small and noisy; the ratios are the point. The 8 "devices" are
+virtual: XLA:CPU threads over the same 2 cores, and gloo's cross-process collectives go through loopback TCP,
+so neither the compute (8 devices' work on 2 cores) nor the communication (no real interconnect) is what GPU or
+TPU hosts would see; only the collective counts carry over unchanged.
 """
 
 from __future__ import annotations
@@ -113,6 +123,70 @@ def worker(args) -> dict:
     return results
 
 
+GPT2_VARIANTS = {"plain": {}, "global_clipnorm": {"global_clipnorm": 1.0},
+                 "global_clipnorm/all-reduce": {"global_clipnorm": 1.0}}
+
+
+def _filled(shape, sharding, value):
+    """A float32 array of `value` laid out on `sharding`, each process filling only its own devices' pieces."""
+    import jax
+    import numpy as np
+
+    def piece(idx):
+        return np.full(tuple(len(range(*sl.indices(n))) for sl, n in zip(idx, shape, strict=True)), value, np.float32)
+    return jax.make_array_from_callback(shape, sharding, piece)
+
+
+def gpt2_worker(args) -> dict:
+    """GPT-2 small's Adam step per variant: median step time, collectives in the partitioned HLO, state bytes."""
+    import jax
+    import numpy as np
+
+    import shardopt
+    from shardopt.model_zoo import gpt2_small
+    from shardopt.passes.pipeline import DEFAULT_PIPELINE
+    from shardopt.runtime.artifact import state_bytes_per_device
+    if args.processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        coord = os.environ["BENCH_COORDINATOR"]
+        jax.distributed.initialize(coord, args.processes, int(os.environ["BENCH_PROCESS_ID"]),
+                                   coordinator_bind_address=coord, initialization_timeout=60)
+    mesh = jax.make_mesh((2, 4), ("batch", "model"))
+    specs = gpt2_small(mesh)
+    results = {}
+    for name, kwargs in GPT2_VARIANTS.items():
+        opt = shardopt.Adam(1e-4, mesh=mesh, **kwargs)
+        if name.endswith("/all-reduce"):
+            opt.pipeline = tuple(p for p in DEFAULT_PIPELINE if p != "fixed-order-sums")
+        t = time.perf_counter()
+        step = opt.compile(specs)
+        compile_s = time.perf_counter() - t
+        hlo = step.executable.lower().compile().as_text()
+        found = {}
+        for c in re.findall(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
+                            hlo):
+            found[c] = found.get(c, 0) + 1
+
+        params = {n: _filled(specs[n].shape, step._sharding(n), 0.02) for n in step.names}
+        grads = {n: _filled(specs[n].shape, step._sharding(n), 1e-3) for n in step.names}
+        params = jax.tree_util.tree_unflatten(step.treedef, [params[n] for n in step.names])
+        grads = jax.tree_util.tree_unflatten(step.treedef, [grads[n] for n in step.names])
+        state = step.init(params)
+        times = []
+        for i in range(1 + args.steps):
+            t = time.perf_counter()
+            params, state = step(params, grads, state)
+            jax.block_until_ready(params)
+            if i:  # the first is the warm-up
+                times.append(time.perf_counter() - t)
+        results[name] = {"median_ms": float(np.median(times)) * 1e3, "steps": len(times), "compile_s": compile_s,
+                         "collectives": found, "state_bytes_per_device": state_bytes_per_device(step.contract)}
+        del params, grads, state, step
+    if args.processes > 1:
+        jax.distributed.shutdown()
+    return results
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,7 +208,8 @@ def launch(args) -> list[dict]:
                                                                 env.get("PYTHONPATH")])))
             errs.append(tempfile.TemporaryFile("w+"))
             procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--processes", str(args.processes),
-                                           "--seconds", str(args.seconds)], env=env, stdout=subprocess.PIPE,
+                                           "--seconds", str(args.seconds), "--model", args.model,
+                                           "--steps", str(args.steps)], env=env, stdout=subprocess.PIPE,
                                           stderr=errs[-1], start_new_session=True, text=True))
         deadline = time.monotonic() + args.timeout
         outs = []
@@ -158,13 +233,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--processes", type=int, default=2, choices=[1, 2])
     ap.add_argument("--seconds", type=float, default=2.0, help="measuring time per mode")
-    ap.add_argument("--timeout", type=float, default=300.0, help="kill the workers after this many seconds")
+    ap.add_argument("--timeout", type=float, default=900.0, help="kill the workers after this many seconds")
+    ap.add_argument("--model", choices=["host-grads", "gpt2"], default="host-grads")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per GPT-2 variant (after one warm-up)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)), flush=True)
+        print(json.dumps(gpt2_worker(args) if args.model == "gpt2" else worker(args)), flush=True)
         return
     outs = launch(args)
+    if args.model == "gpt2":
+        print(f"GPT-2 small (124M float32 parameters, Megatron layouts), Adam, {args.processes} process(es) x "
+              f"{8 // args.processes} CPU devices on a 2x4 mesh; median of {args.steps} steps (the slowest process)")
+        print(f"{'variant':28s} {'ms/step':>9s} {'compile s':>9s} {'state/device':>13s}  collectives (partitioned HLO)")
+        for name in outs[0]:
+            ms = max(o[name]["median_ms"] for o in outs)
+            r = outs[0][name]
+            coll = ", ".join(f"{k} x{v}" for k, v in sorted(r["collectives"].items())) or "none"
+            print(f"{name:28s} {ms:9.1f} {r['compile_s']:9.1f} {r['state_bytes_per_device'] / 2**20:10.1f} MiB  {coll}")
+        return
     print(f"{args.processes} process(es) x {8 // args.processes} CPU devices, {N_VARS} float32{list(SHAPE)} "
           f"variables on a 2x4 mesh; median per step (the slowest process)")
     print(f"{'mode':28s} {'ms/step':>9s} {'steps/s':>9s}")

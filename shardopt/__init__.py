@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "GradientsClipOption": "shardopt.frontend.options",
     "IndexedSlices": "shardopt.core.specs",
     "Layout": "shardopt.core.layout",
+    "NotInThisProcessError": "shardopt.core.errors",
     "Optimizer": "shardopt.optimizers.base",
     "PassError": "shardopt.core.errors",
     "StepContract": "shardopt.core.contract",
@@ -48,9 +49,9 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [  # the keys of _EXPORTS, spelled out for tools that read __all__ statically
     "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ArtifactError", "EMAOption", "Ftrl",
-    "GradientsClipOption", "IndexedSlices", "Layout", "Lion", "Nadam", "Optimizer", "PassError", "RMSprop", "SGD",
-    "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec", "as_optax", "from_optax",
-    "inject_hyperparams", "keras", "load", "schedules", "tf_keras", "__version__",
+    "GradientsClipOption", "IndexedSlices", "Layout", "Lion", "Nadam", "NotInThisProcessError", "Optimizer",
+    "PassError", "RMSprop", "SGD", "StepContract", "StepInputError", "UNSHARDED", "Variable", "VariableSpec",
+    "as_optax", "from_optax", "inject_hyperparams", "keras", "load", "schedules", "tf_keras", "__version__",
 ]
 
 
@@ -70,7 +71,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from shardopt.core.contract import StepContract
-    from shardopt.core.errors import ArtifactError, PassError, StepInputError
+    from shardopt.core.errors import ArtifactError, NotInThisProcessError, PassError, StepInputError
     from shardopt.core.layout import UNSHARDED, Layout
     from shardopt.core.specs import IndexedSlices, VariableSpec
     from shardopt.frontend import schedules

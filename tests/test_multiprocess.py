@@ -1,6 +1,7 @@
 """Multi-process mode: 2 processes x 4 CPU devices under `jax.distributed` (gloo, loopback) run the Keras-shaped
 API, `compile()`, a loaded 8-device artifact and `as_jax_function` inside the user's jit on one global 2x4 mesh,
-with variables split across the processes; every result is bitwise the single-process 8-device run's. A killed
+with variables split across the processes; every result is bitwise the single-process 8-device run's, norm
+clipping included, and so are orbax checkpoints resumed on the other process layout. A killed
 or hung peer surfaces in the survivor as shardopt.distributed.PeerLostError within the bound, and the survivor
 saves its own shards and exits by itself.
 
@@ -24,20 +25,29 @@ from mp_workers import scenarios  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 WORKER = str(mpl.WORKERS / "worker.py")
-EXACT = ["keras", "compiled", "artifact", "in_user_jit"]
+EXACT = ["keras", "compiled", "artifact", "in_user_jit", "keras_global_clipnorm", "keras_clipnorm", "fused_norms"]
+CHECKPOINTED = ["keras", "functional"]
 
 
 @pytest.fixture(scope="module")
 def runs(mesh, tmp_path_factory):
-    """The single-process references and one 2-process launch that runs every scenario."""
+    """The single-process references (which also write a 1-process checkpoint) and one 2-process launch that runs
+    every scenario: the exact ones, reading variables, and saving (a 2-process checkpoint) and resuming from
+    either checkpoint."""
     tmp = tmp_path_factory.mktemp("mp")
     art = tmp / "adam8.shardopt"
+    one, two = tmp / "ckpt-1-process", tmp / "ckpt-2-processes"
     scenarios.compile_step(mesh).save(art)
-    refs = {name: fn(mesh) for name, fn in scenarios.SCENARIOS.items() if name != "artifact"}
+    refs = {name: scenarios.SCENARIOS[name](mesh) for name in [*EXACT, "read_variables"] if name != "artifact"}
     refs["artifact"] = scenarios.artifact(mesh, str(art))
-    names = [*EXACT, "keras_global_clipnorm"]
-    results = mpl.launch([WORKER, str(tmp), *[f"{n}={art}" if n == "artifact" else n for n in names]], tmp)
-    return tmp, refs, results
+    for kind in CHECKPOINTED:
+        refs[f"{kind}_checkpoint_save"] = scenarios.SCENARIOS[f"{kind}_checkpoint_save"](mesh, str(one))
+    names = [f"artifact={art}" if n == "artifact" else n for n in [*EXACT, "read_variables"]]
+    for kind in CHECKPOINTED:
+        names += [f"{kind}_checkpoint_save={two}", f"{kind}_resume_2p:{kind}_checkpoint_resume={two}",
+                  f"{kind}_resume_1p:{kind}_checkpoint_resume={one}"]
+    results = mpl.launch([WORKER, str(tmp), *names], tmp, timeout_s=300)
+    return tmp, refs, results, two
 
 
 def load(tmp, name, pid, results):
@@ -61,25 +71,54 @@ def assert_bitwise(got, want):
 
 
 def test_processes_exit_cleanly(runs):
-    _, _, results = runs
+    results = runs[2]
     assert [r.returncode for r in results] == [0, 0], mpl.describe(results)
 
 
 @pytest.mark.parametrize("name", EXACT)
 def test_bitwise_equal_to_one_process(runs, name):
-    tmp, refs, results = runs
+    """Norm clipping included: fixed-order-sums adds the per-device partial sums in the same order whether gloo
+    (2 processes) or XLA's in-process collectives (1 process) move them."""
+    tmp, refs, results, _ = runs
     for pid in (0, 1):
         assert_bitwise(load(tmp, name, pid, results), refs[name])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "global_clipnorm: the global norm's cross-process all-reduce (gloo) adds the per-device sums of squares in "
-    "another order than XLA's in-process all-reduce, so the norm, and every clipped update, can differ by 1 ulp. "
-    "Fix (clipping code): gather the per-device partial sums and add them in a fixed order."))
-def test_global_clipnorm_bitwise_equal_to_one_process(runs):
-    tmp, refs, results = runs
+SPLIT_ACROSS_PROCESSES = {"proj/kernel", "big/kernel"}  # laid out on "batch", the axis that spans the processes
+
+
+def test_reading_variables_split_across_processes(runs):
+    """`numpy()` raises NotInThisProcessError for a variable (or slot) split across processes and reads the
+    others; `gather()` in every process gives the whole value, bitwise the single process's."""
+    tmp, refs, results, _ = runs
+    want = refs["read_variables"]
     for pid in (0, 1):
-        assert_bitwise(load(tmp, "keras_global_clipnorm", pid, results), refs["keras_global_clipnorm"])
+        got = load(tmp, "read_variables", pid, results)
+        raised = {k.split("/", 2)[2] for k, v in got.items() if k.startswith("raised/") and int(v) == 1}
+        assert raised == SPLIT_ACROSS_PROCESSES, raised
+        assert_bitwise({k: v for k, v in got.items() if not k.startswith("raised/")},
+                       {k: v for k, v in want.items() if not k.startswith("raised/")})
+    assert not any(int(v) for k, v in want.items() if k.startswith("raised/"))  # one process holds everything
+
+
+@pytest.mark.parametrize("kind", CHECKPOINTED)
+def test_checkpoint_resumes_bitwise_across_process_layouts(runs, kind):
+    """orbax checkpoints of `state_dict()` written by 2 processes and by 1: 2 processes resume either one and end
+    bitwise where the uninterrupted single-process run ended, as does the uninterrupted 2-process run."""
+    tmp, refs, results, _ = runs
+    want = refs[f"{kind}_checkpoint_save"]
+    for pid in (0, 1):
+        assert_bitwise(load(tmp, f"{kind}_checkpoint_save", pid, results), want)
+        assert_bitwise(load(tmp, f"{kind}_resume_2p", pid, results), want)
+        assert_bitwise(load(tmp, f"{kind}_resume_1p", pid, results), want)
+
+
+@pytest.mark.parametrize("kind", CHECKPOINTED)
+def test_one_process_resumes_a_two_process_checkpoint(runs, mesh, kind):
+    tmp, refs, results, two = runs
+    if not (two / kind).exists():
+        pytest.fail(f"the 2-process run wrote no {kind} checkpoint\n{mpl.describe(results)}")
+    assert_bitwise(scenarios.SCENARIOS[f"{kind}_checkpoint_resume"](mesh, str(two)), refs[f"{kind}_checkpoint_save"])
 
 
 # --- faults: a killed or hung peer ----------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def test_options_become_fields():
     ("fuse-moments{group=2}", r"pass 'fuse-moments' has no option 'group' \(its options: max-group, unpacked\)"),
     ("fuse-clipping{max-operands=0}", "pass 'fuse-clipping': option 'max-operands' must be at least 1, got 0"),
     ("cleanup{aggressive=true}", r"pass 'cleanup' has no option 'aggressive' \(its options: none\)"),
-    ("fuse-momentz", "unknown pass 'fuse-momentz'; known: cleanup, fuse-clipping, fuse-moments, inline-calls"),
+    ("fuse-momentz", "unknown pass 'fuse-momentz'; known: cleanup, fixed-order-sums, fuse-clipping, fuse-moments, "
+                     "inline-calls"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(PassError, match=message):
@@ -189,9 +190,10 @@ def test_pipeline_is_checked_before_any_pass_runs():
 def test_registry_mapping():
     from shardopt.passes.cleanup import Cleanup
 
-    assert list(REGISTRY) == sorted(REGISTRY) == ["cleanup", "fuse-clipping", "fuse-moments", "inline-calls",
-                                                  "lower-to-kernels", "propagate-layouts"]
-    assert set(DEFAULT_PIPELINE) <= set(REGISTRY) and len(REGISTRY) == 6
+    assert list(REGISTRY) == sorted(REGISTRY) == ["cleanup", "fixed-order-sums", "fuse-clipping",
+                                                  "fuse-moments", "inline-calls", "lower-to-kernels",
+                                                  "propagate-layouts"]
+    assert set(DEFAULT_PIPELINE) <= set(REGISTRY) and len(REGISTRY) == 7
     assert REGISTRY["cleanup"] is Cleanup
     with pytest.raises(KeyError):
         REGISTRY["fuse-moments-unpacked"]

@@ -17,4 +17,9 @@ class ArtifactError(ValueError):
     format version, or made for another mesh, device count or platform. The message says what does not match."""
 
 
-__all__ = ["ArtifactError", "PassError", "StepInputError"]
+class NotInThisProcessError(RuntimeError):
+    """A value is split across the processes of a multi-process job and this process holds only part of it; the
+    message says how to gather it (a collective every process must call) or read the local part."""
+
+
+__all__ = ["ArtifactError", "NotInThisProcessError", "PassError", "StepInputError"]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from shardopt.core.errors import NotInThisProcessError
 from shardopt.core.layout import Layout, as_layout
 from shardopt.core.specs import IndexedSlices, VariableSpec  # re-exported: users import them from here too
 
@@ -115,14 +116,50 @@ class Variable:
             self._view[0].write_member(self._view[1], array)
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self.value)
+        """The value as a numpy array. In a multi-process job, a variable split across processes is not in any
+        one of them: that raises NotInThisProcessError, which says to call `gather()` in every process (a
+        variable whose shards all live in this process, or a replicated one, reads as usual)."""
+        value = self.value
+        if not _in_this_process(value):
+            raise NotInThisProcessError(
+                f"variable {self.name!r} {list(self.shape)} is split across processes (layout {self._layout}): "
+                f"process {jax.process_index()} holds only {len(value.addressable_shards)} of its "
+                f"{len(value.sharding.device_set)} device shards. Call `.gather()` on it in "
+                "every process at the same point (a collective: a process that skips it leaves the others "
+                "waiting), or read this process's part with `.local_shards()`")
+        return np.asarray(value)
+
+    def gather(self) -> np.ndarray:
+        """The whole value as a numpy array in every process. With the value split across processes this is a
+        collective (`multihost_utils.process_allgather`): every process must call it, at the same point."""
+        value = self.value
+        if _in_this_process(value):
+            return np.asarray(value)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+    def local_shards(self) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+        """This process's distinct pieces of the value: (index into the whole value, numpy array) each."""
+        seen: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
+        for shard in self.value.addressable_shards:
+            seen.setdefault(repr(shard.index), (shard.index, np.asarray(shard.data)))
+        return list(seen.values())
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = np.asarray(self.value)
+        arr = self.numpy()
         return arr.astype(dtype) if dtype is not None else arr
 
     def __repr__(self) -> str:
         return f"<shardopt.Variable {self.name!r} shape={self.shape} dtype={self.dtype} layout={self._layout}>"
+
+
+def _in_this_process(value: Any) -> bool:
+    """Whether this process holds every element of `value` (always, outside a multi-process job)."""
+    if not isinstance(value, jax.Array) or value.is_fully_addressable:
+        return True
+    everywhere = value.sharding.devices_indices_map(value.shape)
+    here = {repr(everywhere[d]) for d in value.sharding.addressable_devices}
+    return here == {repr(i) for i in everywhere.values()}
 
 
 __all__ = ["IndexedSlices", "Variable", "VariableSpec"]

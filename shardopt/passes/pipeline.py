@@ -27,7 +27,7 @@ from shardopt.passes.spec import split_pipeline
 # own by the compiled kernel's custom call where one exists, and inlines the frontend's composite everywhere else,
 # so every later pass sees plain StableHLO.
 DEFAULT_PIPELINE: tuple[str, ...] = ("inline-calls", "lower-to-kernels", "propagate-layouts", "fuse-moments",
-                                     "fuse-clipping", "cleanup")
+                                     "fuse-clipping", "fixed-order-sums", "cleanup")
 
 PipelineSpec = str | Sequence[str | ModulePass]  # "a,b{x=1}", ("a", "b{x=1}") or pass instances
 

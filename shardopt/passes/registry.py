@@ -21,6 +21,7 @@ _PASSES: dict[str, str | type[ModulePass]] = {
     "propagate-layouts": "shardopt.passes.propagate_layouts:PropagateLayouts",
     "fuse-moments": "shardopt.passes.fuse_moments:FuseMoments",
     "fuse-clipping": "shardopt.passes.fuse_clipping:FuseClipping",
+    "fixed-order-sums": "shardopt.passes.fixed_order_sums:FixedOrderSums",
     "cleanup": "shardopt.passes.cleanup:Cleanup",
 }
 

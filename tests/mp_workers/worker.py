@@ -3,7 +3,8 @@ environment): joins the job through `jax.distributed.initialize`, runs the named
 tests/mp_workers/scenarios.py on the global 2x4 mesh, and saves each result as <out>/<scenario>.p<id>.npz
 (or <scenario>.p<id>.error.txt with the traceback when it raises).
 
-usage: python tests/mp_workers/worker.py OUT_DIR SCENARIO[=ARG] ...
+usage: python tests/mp_workers/worker.py OUT_DIR [LABEL:]SCENARIO[=ARG] ...   (results saved under LABEL,
+default the scenario's name, so one scenario can run twice with different arguments)
 """
 
 import os
@@ -30,10 +31,12 @@ def main() -> int:
     assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
     for item in sys.argv[2:]:
-        name, _, arg = item.partition("=")
+        head, _, arg = item.partition("=")
+        label, _, scenario = head.rpartition(":")
+        name = label or scenario
         t0 = time.perf_counter()
         try:
-            result = scenarios.SCENARIOS[name](mesh, *([arg] if arg else []))
+            result = scenarios.SCENARIOS[scenario](mesh, *([arg] if arg else []))
         except Exception:
             (out_dir / f"{name}.p{pid}.error.txt").write_text(traceback.format_exc())
             print(f"[{pid}] {name}: FAILED", flush=True)
