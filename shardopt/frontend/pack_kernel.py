@@ -5,8 +5,9 @@ A pack keeps its members' slots in one buffer per slot while the variables stay 
 definition has a kernel for it (`kernel_spec()`), the members' updates are wrapped in one composite of
 (lr, t, iterations, packed slots..., variables..., gradients...) -> (packed slots..., variables...).
 `lower-to-kernels` turns it into one multi-tensor custom call (the variables and gradients are separate
-operands, so nothing is gathered, and everything updates in place) or inlines it; its decomposition is exactly the per-member math `make_step_fn`
-traces without it, so the inlined IR, and what `fuse-moments` makes of it, is unchanged.
+operands, so nothing is gathered, and everything updates in place) or inlines it; its decomposition is
+exactly the per-member math `make_step_fn` traces without it, so the inlined IR, and what `fuse-moments` makes
+of it, is unchanged.
 """
 
 from __future__ import annotations
