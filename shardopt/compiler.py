@@ -73,10 +73,14 @@ def compile_step(rule: UpdateRule, entries: Sequence[StepEntry], mesh: Mesh, *, 
     if kernels.module_kernels(result.final_text):
         # The same step without compiled kernels, for where they cannot run (TF's XlaCallModule, a process or
         # machine without the library): artifacts store it beside the kernel module and fall back to it.
-        portable = run_pipeline(lowered.module_text, [_without_kernels(p) for p in pipeline], keep_ir=False)
-        if finalize_contract(portable.final_text, contract) != final:
-            raise PassError("the portable step's layouts differ from the kernel step's (a bug in the pipeline)")
-        executable.portable = CompiledStep.from_module(portable.final_text, final, lowered.exported, mesh)
+        # Built when first needed (saving an artifact, TF): its pipeline costs as much as the kernel step's.
+        def portable_step() -> CompiledStep:
+            portable = run_pipeline(lowered.module_text, [_without_kernels(p) for p in pipeline], keep_ir=False)
+            if finalize_contract(portable.final_text, contract) != final:
+                raise PassError("the portable step's layouts differ from the kernel step's (a bug in the pipeline)")
+            return CompiledStep.from_module(portable.final_text, final, lowered.exported, mesh)
+
+        executable.defer_portable(portable_step)
     return StepProgram(lowered, result, final, executable)
 
 

@@ -120,14 +120,15 @@ def test_unavailable_kernel_keeps_stablehlo_and_warns_once(monkeypatch):
 
 
 def test_what_is_not_marked():
-    """Packed members (fuse-moments' job), sparse gradients and adaptive_epsilon (no kernel) are not marked;
-    packed state still fuses."""
+    """Packed members are marked as one pack composite (tests/test_pack_kernel.py), not one per member; sparse
+    gradients and adaptive_epsilon (no kernel) are not marked."""
     mesh = one_device_mesh()
     small = [shardopt.Variable(np.ones((16,), np.float32), name=f"b{i}") for i in range(2)]
     opt = adam(mesh)  # packs the small variables
     program = opt.program_for([(np.ones((16,), np.float32), v) for v in small])
-    assert "stablehlo.composite" not in program.lowered.module_text
-    assert program.pipeline.stage("fuse-moments").stats["groups"] == 1
+    assert program.lowered.module_text.count("stablehlo.composite") == 1
+    assert '"shardopt.adam_pack"' in program.lowered.module_text
+    assert program.pipeline.stage(PASS).stats["packs_lowered"] == 1
     emb = shardopt.Variable(np.ones((100, 8), np.float32), name="emb")
     sparse = adam(mesh, packed=False).program_for([(IndexedSlices(np.ones((3, 8), np.float32),
                                                                   np.array([1, 5, 7]), (100, 8)), emb)])

@@ -29,10 +29,12 @@ from shardopt.core.contract import (
     StepContract,
     StepEntry,
     gradient_name,
+    packed_name,
 )
 from shardopt.core.layout import state_layout
 from shardopt.core.packing import PackGroup
 from shardopt.frontend import clipping
+from shardopt.frontend.pack_kernel import pack_kernel_spec, pack_update
 
 State = dict[str, jax.Array]
 
@@ -79,6 +81,8 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
     members = contract.member_of()
     packed_slots = [a for a in contract.args if a.role == SLOT and a.pack is not None]
     traced = _traced_once(rule)
+    kernel_packs = _kernel_packs(rule, contract, entries)
+    in_kernel_pack = {m.name for p, _ in kernel_packs for m in p.members}
 
     def step(*flat: jax.Array) -> tuple[jax.Array, ...]:
         arg = dict(zip((a.name for a in contract.args), flat, strict=True))
@@ -91,7 +95,7 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
             packed = members.get(e.name)
             if packed is None:
                 slots[e.name] = {s: arg[f"{s}/{e.name}"] for s in e.slots}
-            else:
+            elif e.name not in in_kernel_pack:  # a kernel pack's composite reads its packed slots whole
                 pack, index = packed
                 slots[e.name] = {s: pack.unpack(arg[f"{s}/{pack.name}"], index) for s in e.slots}
         variables = {e.name: arg[e.name] for e in entries}
@@ -110,7 +114,8 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
                 glob = dict(rule.update_global(glob, (iterations + 1).astype(jnp.float32)))
             new_vars, new_slots = _update_entries(rule, traced, entries, variables, grads, slots, iterations, lr,
                                                   glob, loose={e.name for e in entries if e.name not in members
-                                                               and not _state_sharded(e, contract)})
+                                                               and not _state_sharded(e, contract)},
+                                                  kernel_packs=kernel_packs, packed_args=arg)
         step_taken = jnp.asarray(1, iterations.dtype)
         if skipped is not None:  # skip_nonfinite: keep every old value unless all gradients are finite
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g, _ in grads]))
@@ -127,6 +132,9 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
             if e.name not in members:
                 out.update({f"{s}/{e.name}": new_slots[e.name][s] for s in e.slots})
         for spec in packed_slots:  # members without a gradient in this step keep their slots as they were
+            if spec.name in new_slots:  # updated whole by a kernel pack's composite
+                out[spec.name] = new_slots[spec.name]
+                continue
             pack = contract.pack(spec.pack)
             out[spec.name] = pack.pack([new_slots[m.name][spec.slot] if m.name in new_slots
                                         else pack.unpack(arg[spec.name], i) for i, m in enumerate(pack.members)])
@@ -151,6 +159,23 @@ def _state_sharded(e: StepEntry, contract: StepContract) -> bool:
     return lay is not None and tuple(lay) != tuple(e.layout)
 
 
+def _kernel_packs(rule: UpdateRule, contract: StepContract, entries: list[StepEntry]
+                  ) -> list[tuple[PackGroup, tuple[str, dict[str, Any]]]]:
+    """The packs updated through one kernel composite each (frontend/pack_kernel.py): none with optimizer-level
+    state or `skip_nonfinite` (both read or gate every member's update)."""
+    if contract.args_with_role(OPTIMIZER_STATE) or getattr(rule, "update_tree", None) is not None:
+        return []
+    names = {a.name for a in contract.args}
+    by_name = {e.name: e for e in entries}
+    dense = {e.name: f"grad_indices/{e.name}" not in names for e in entries}
+    out = []
+    for pack in contract.packs:
+        spec = pack_kernel_spec(rule, pack, by_name, dense)
+        if spec is not None:
+            out.append((pack, spec))
+    return out
+
+
 def _gathered_gradients(pack: PackGroup, entries: list[StepEntry],
                         grads: list[tuple[jax.Array, jax.Array | None]]) -> jax.Array:
     """The pack's gradients concatenated as `fuse-moments` concatenates them for its chain (so `cleanup`'s CSE
@@ -168,24 +193,42 @@ def _gathered_gradients(pack: PackGroup, entries: list[StepEntry],
 def _update_entries(rule: UpdateRule, update: Callable[..., Any], entries: list[StepEntry],
                     variables: dict[str, jax.Array], grads: list[tuple[jax.Array, jax.Array | None]],
                     slots: dict[str, dict[str, jax.Array]], iterations: jax.Array, lr: jax.Array,
-                    glob: dict[str, jax.Array], loose: set[str] | frozenset[str] = frozenset()
-                    ) -> tuple[dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
-    """Clipping, densifying, weight decay, the definition's update and EMA for every entry (by name)."""
+                    glob: dict[str, jax.Array], loose: set[str] | frozenset[str] = frozenset(),
+                    kernel_packs: list[tuple[PackGroup, tuple[str, dict[str, Any]]]] = (),
+                    packed_args: dict[str, jax.Array] | None = None
+                    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """Clipping, densifying, weight decay, the definition's update and EMA for every entry (by name). The
+    members of `kernel_packs` are updated through one composite per pack, whose new packed slots come back in
+    the slots dict under their packed names."""
     # Half-precision gradients are clipped in float32 too: a float16 sum of squares overflows at a norm of 256,
     # which would turn every gradient into NaN (global) or zero (per tensor).
     raw = [g.astype(compute_dtype(e.dtype)) for e, (g, _) in zip(entries, grads, strict=True)]
     clipped = clipping.clip_gradients(raw, rule.clipnorm, rule.global_clipnorm, rule.clipvalue)
 
     new_vars: dict[str, jax.Array] = {}
-    new_slots: dict[str, dict[str, jax.Array]] = {}
+    new_slots: dict[str, Any] = {}
     per_dtype: dict[np.dtype, tuple[jax.Array, jax.Array]] = {}  # (t, lr) once per compute dtype, not per variable
+    in_kernel_pack = {m.name for p, _ in kernel_packs for m in p.members}
+    kernel_grads: dict[str, jax.Array] = {}
     for e, g, (_, idx) in zip(entries, clipped, grads, strict=True):
         ct = compute_dtype(e.dtype)
         if ct not in per_dtype:
             per_dtype[ct] = ((iterations + 1).astype(ct), lr.astype(ct))
+        if e.name in in_kernel_pack:
+            kernel_grads[e.name] = g
+            continue
         new_vars[e.name], new_slots[e.name] = update(dataclasses.replace(e, name=""), variables[e.name], g, idx,
                                                      slots[e.name], *per_dtype[ct], iterations, glob,
                                                      kernel=e.name in loose)
+    by_name = {e.name: e for e in entries}
+    for pack, spec in kernel_packs:
+        t, lr_c = per_dtype[np.dtype(np.float32)]
+        slot_names = spec[1]["slots"].split(",")
+        packed = {s: packed_args[packed_name(s, pack.name)] for s in slot_names}
+        pack_vars, pack_slots = pack_update(update, pack, spec, by_name, variables, kernel_grads, packed, t, lr_c,
+                                            iterations)
+        new_vars.update(pack_vars)
+        new_slots.update({packed_name(s, pack.name): x for s, x in pack_slots.items()})
     return new_vars, new_slots
 
 

@@ -26,18 +26,22 @@ from shardopt.kernels import _loader
 from shardopt.kernels.calls import (
     KernelCall,
     adam_call,
+    adam_pack_call,
+    adam_pack_update,
     adam_update,
     clip_scale_operand,
     sgd_call,
     sgd_update,
 )
 
-KERNELS = {"adam": "shardopt_adam_update", "sgd": "shardopt_sgd_update"}
+KERNELS = {"adam": "shardopt_adam_update", "adam_pack": "shardopt_adam_pack_update", "sgd": "shardopt_sgd_update"}
+PACK_SUFFIX = "_pack"  # "adam_pack": the kernel of a pack whose variables stay in buffers of their own
 DTYPES = ("float32", "bfloat16")
 PLATFORMS = ("cpu",)
 
 __all__ = [
-    "DTYPES", "KERNELS", "KernelCall", "PLATFORMS", "adam_call", "adam_update", "available", "clip_scale_operand",
+    "DTYPES", "KERNELS", "PACK_SUFFIX", "KernelCall", "PLATFORMS", "adam_call", "adam_pack_call", "adam_pack_update",
+    "adam_update", "available", "clip_scale_operand",
     "info", "module_kernels", "reason", "sgd_call", "sgd_update", "target_reason",
 ]
 

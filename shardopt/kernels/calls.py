@@ -6,6 +6,12 @@ whose flattened concatenation is the packed gradient; results alias the state op
     shardopt_adam_update(p, m, v, [vhat], alpha, eps, [lr], [scale], g_0 .. g_K-1) -> (p, m, v, [vhat])
     shardopt_sgd_update(p, m, lr, [scale], g_0 .. g_K-1) -> (p, m)
 
+A pack whose variables stay in buffers of their own (only the slots packed, core/packing.py) has one variable
+operand per gradient, before the gradients; its results are the packed slots, then the variables:
+
+    shardopt_adam_pack_update(m, v, [vhat], alpha, eps, [lr], [scale], p_0 .. p_K-1, g_0 .. g_K-1)
+        -> (m, v, [vhat], p_0 .. p_K-1)
+
 `lr` is present for Adam only with weight decay. Attributes hold what is constant for a module: float32(1 -
 beta), as XLA folds `jnp.asarray(1 - beta, float32)`; float32(weight_decay); the flags. State is float32 or
 bfloat16 (float32 math, one rounding when stored); gradients all float32 or all bfloat16.
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ADAM_TARGET = "shardopt_adam_update"
+ADAM_PACK_TARGET = "shardopt_adam_pack_update"
 SGD_TARGET = "shardopt_sgd_update"
 
 
@@ -38,11 +45,15 @@ class KernelCall:
     attributes: dict[str, Any]
     operands: tuple[str, ...]  # named operands, in order; the gradients follow them
     results: tuple[str, ...]
+    variables: int = 0  # a pack call: this many variable buffers after the named operands, results after them
 
     @property
     def aliases(self) -> dict[int, int]:
         """operand index -> result index (input_output_aliases / output_operand_aliases)."""
-        return {self.operands.index(r): i for i, r in enumerate(self.results)}
+        named = {self.operands.index(r): i for i, r in enumerate(self.results)}
+        first = len(self.operands)
+        named.update({first + j: len(self.results) + j for j in range(self.variables)})
+        return named
 
 
 def adam_call(*, beta_1: float, beta_2: float, amsgrad: bool = False, weight_decay: float | None = None,
@@ -65,6 +76,14 @@ def adam_call(*, beta_1: float, beta_2: float, amsgrad: bool = False, weight_dec
     }
     results = ("p", "m", "v") + (("vhat",) if amsgrad else ())
     return KernelCall(ADAM_TARGET, attributes, operands, results)
+
+
+def adam_pack_call(variables: int, **options: Any) -> KernelCall:
+    """The Adam/AdamW call for a pack of `variables` variables in buffers of their own (options: `adam_call`'s)."""
+    single = adam_call(**options)
+    operands = tuple(o for o in single.operands if o != "p")
+    return KernelCall(ADAM_PACK_TARGET, single.attributes, operands, tuple(r for r in single.results if r != "p"),
+                      variables=variables)
 
 
 def sgd_call(*, momentum: float, nesterov: bool = False, weight_decay: float | None = None,
@@ -104,9 +123,11 @@ def _check(state: Sequence[jax.Array], grads: Sequence[jax.Array]) -> None:
         raise ValueError(f"gradients hold {total} elements, the state {int(np.prod(p.shape))}")
 
 
-def _invoke(call: KernelCall, named: dict[str, Any], grads: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-    operands = [named[name] for name in call.operands] + list(grads)
+def _invoke(call: KernelCall, named: dict[str, Any], grads: Sequence[jax.Array],
+            variables: Sequence[jax.Array] = ()) -> tuple[jax.Array, ...]:
+    operands = [named[name] for name in call.operands] + list(variables) + list(grads)
     result_types = [jax.ShapeDtypeStruct(named[r].shape, named[r].dtype) for r in call.results]
+    result_types += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in variables]
     fn = jax.ffi.ffi_call(call.target, result_types, input_output_aliases=call.aliases)
     return tuple(fn(*operands, **call.attributes))
 
@@ -133,6 +154,32 @@ def adam_update(p: jax.Array, m: jax.Array, v: jax.Array, grads: Sequence[jax.Ar
     if clip_scale is not None:
         named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
     return _invoke(call, named, grads)
+
+
+def adam_pack_update(ps: Sequence[jax.Array], m: jax.Array, v: jax.Array, grads: Sequence[jax.Array], *,
+                     alpha: Any, eps: Any, beta_1: float, beta_2: float, vhat: jax.Array | None = None,
+                     weight_decay: float | None = None, lr: Any = None, clip_scale: Any = None
+                     ) -> tuple[list[jax.Array], tuple[jax.Array, ...]]:
+    """`adam_update` for variables in buffers of their own (`ps[j]` updated with `grads[j]`) and packed slots:
+    returns (new ps, (m, v[, vhat])). Donate ps, m, v (and vhat) to update them in place."""
+    ps, grads = list(ps), list(grads)
+    if len(ps) != len(grads) or any(p.size != g.size for p, g in zip(ps, grads, strict=True)):
+        raise ValueError("one variable per gradient, of the gradient's size")
+    if any(p.dtype != m.dtype for p in ps):
+        raise ValueError("variables must have the slots' dtype")
+    _check([m, v] + ([vhat] if vhat is not None else []), grads)
+    if weight_decay is not None and lr is None:
+        raise ValueError("weight_decay needs lr")
+    call = adam_pack_call(len(ps), beta_1=beta_1, beta_2=beta_2, amsgrad=vhat is not None,
+                          weight_decay=weight_decay, clip_scale=clip_scale is not None)
+    named = {"m": m, "v": v, "vhat": vhat, "alpha": _scalar(alpha), "eps": _scalar(eps)}
+    if weight_decay is not None:
+        named["lr"] = _scalar(lr)
+    if clip_scale is not None:
+        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+    out = _invoke(call, named, grads, ps)
+    k = len(call.results)
+    return list(out[k:]), out[:k]
 
 
 def sgd_update(p: jax.Array, m: jax.Array, grads: Sequence[jax.Array], *, lr: Any, momentum: float,

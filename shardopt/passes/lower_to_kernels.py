@@ -36,6 +36,7 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt import kernels
+from shardopt.kernels import PACK_SUFFIX
 from shardopt.kernels.stablehlo import custom_call
 from shardopt.passes.base import ModulePass, option
 from shardopt.passes.inline_calls import COMPOSITE_PREFIX, inline_composite
@@ -110,6 +111,44 @@ def _unconverted(g: ir.Value) -> ir.Value:
     return g
 
 
+def _state_problem(state: list[ir.Value], main: Any, block: ir.Block, axes: dict[str, int]) -> str | None:
+    """Why these state values cannot be updated in place by a kernel, or None: each must be a `@main` argument
+    (donated by the step contract) not sharded over a mesh axis of size > 1."""
+    positions = [_block_arg_index(x, block) for x in state]
+    if any(p is None for p in positions):
+        return "state is not a @main argument"
+    attrs = sir.arg_attrs(main)  # once: reading one argument's attributes decodes them all
+    for p in positions:
+        sharding = attrs[p].get("sdy.sharding")
+        if sharding is not None and any(axes.get(ax, 1) > 1 for dim, _ in sir.sharding_dims(sharding) for ax in dim):
+            return "variable sharded over the mesh (the kernel updates whole tensors)"
+    return None
+
+
+def _common_scale(grads: list[ir.Value]) -> tuple[list[ir.Value], ir.Value | None]:
+    """Gradients all scaled by one global-norm clip scale -> (unscaled gradients, the scale); else unchanged."""
+    split = [_split_scale(g) for g in grads]
+    scales = {s for _, s in split}
+    if len(scales) == 1 and None not in scales:
+        return [x for x, _ in split], split[0][1]
+    return grads, None
+
+
+def _pass_gradient_buffer_through(main: Any, block: ir.Block, pack: str) -> bool:
+    """The pack's donated gradient scratch buffer returned as it came in: with the kernel reading the gradients
+    in place, nothing needs the gathered gradient any more (`cleanup` removes the concatenation)."""
+    def is_buffer(attrs: dict[str, ir.Attribute]) -> bool:
+        return sir.string_attr(attrs.get("shardopt.role")) == "gradient_buffer" and \
+            sir.string_attr(attrs.get("shardopt.pack")) == pack
+    args = [i for i, attrs in enumerate(sir.arg_attrs(main)) if is_buffer(attrs)]
+    results = [i for i, attrs in enumerate(sir.result_attrs(main)) if is_buffer(attrs)]
+    if len(args) != 1 or len(results) != 1:
+        return False
+    ret = block.operations[len(block.operations) - 1]
+    ret.operands[results[0]] = block.arguments[args[0]]
+    return True
+
+
 def _f32_scalar(x: float) -> ir.Value:
     t = ir.RankedTensorType.get([], ir.F32Type.get())
     return hlo.ConstantOp(ir.DenseElementsAttr.get(np.asarray(np.float32(x)).reshape(()), type=t)).result
@@ -134,6 +173,8 @@ class LowerToKernels(ModulePass):
                                    "(kernels exist for cpu only)")
     enabled: bool = option(True, "lower where possible; false inlines every composite (the StableHLO path)")
     fold_scale: bool = option(True, "pass a global-norm clip scale to the kernel instead of the scaled gradient")
+    pack_scale_contracted: bool = option(True, "a folded clip scale in a pack kernel as XLA:CPU compiles the "
+                                               "fused pack (fma(g, scale, -m)); false: g*scale rounded first")
     assume_available: bool = option(False, "emit the custom call even where this process has no kernel library "
                                            "(FileCheck, compiling for another machine)")
 
@@ -158,6 +199,16 @@ class LowerToKernels(ModulePass):
             stats["library"] = kernels.info()["isa"]
         return stats
 
+    def _unavailable(self, kind: str, dtype: str) -> str | None:
+        """Why the `kind` kernel cannot be called for `dtype` state on this pass's platform, or None."""
+        platform = jax.default_backend() if self.platform == "auto" else self.platform
+        why = kernels.reason(kind, dtype, platform)
+        if why is not None and self.assume_available and kind in kernels.KERNELS and dtype in kernels.DTYPES:
+            why = None
+        if why is not None and kind in kernels.KERNELS and dtype in kernels.DTYPES and platform in kernels.PLATFORMS:
+            _warn_once(why)  # the library itself is missing: say so once
+        return why
+
     def _lower(self, op: ir.Operation, main: Any, block: ir.Block, axes: dict[str, int],
                stats: dict[str, Any]) -> str | None:
         """Emits the custom call for `op` and returns None, or returns why it stays StableHLO."""
@@ -165,15 +216,12 @@ class LowerToKernels(ModulePass):
             return "disabled (enabled=false)"
         kind = ir.StringAttr(op.attributes["name"]).value[len(PREFIX):]
         a = _attrs(op)
+        if kind.endswith(PACK_SUFFIX):
+            return self._lower_pack(op, kind, a, main, block, axes, stats)
         var, grad, lr, t, *slots = list(op.operands)
         dtype = {"f32": "float32", "bf16": "bfloat16"}.get(_element_type(var), _element_type(var))
-        platform = jax.default_backend() if self.platform == "auto" else self.platform
-        why = kernels.reason(kind, dtype, platform)
-        if why is not None and self.assume_available and kind in kernels.KERNELS and dtype in kernels.DTYPES:
-            why = None
+        why = self._unavailable(kind, dtype)
         if why is not None:
-            if kind in kernels.KERNELS and dtype in kernels.DTYPES and platform in kernels.PLATFORMS:
-                _warn_once(why)  # the library itself is missing: say so once
             return why
         if kind != "adam":
             return f"no lowering of shardopt.{kind} composites"
@@ -181,15 +229,9 @@ class LowerToKernels(ModulePass):
         expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
         if names != expected or len(slots) != len(names):
             return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
-        state = [var, *slots]
-        positions = [_block_arg_index(x, block) for x in state]
-        if any(p is None for p in positions):
-            return "state is not a @main argument"
-        for p in positions:
-            sharding = sir.arg_attr(main, p, "sdy.sharding")
-            if sharding is not None and any(axes.get(ax, 1) > 1 for dim, _ in sir.sharding_dims(sharding)
-                                            for ax in dim):
-                return "variable sharded over the mesh (the kernel updates whole tensors)"
+        why = _state_problem([var, *slots], main, block, axes)
+        if why is not None:
+            return why
         if any(x.type != var.type for x in slots) or ir.RankedTensorType(grad.type).shape != \
                 ir.RankedTensorType(var.type).shape:
             return "slots or gradient of another shape than the variable"
@@ -211,4 +253,52 @@ class LowerToKernels(ModulePass):
         stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
         stats["scales_folded"] += scale is not None
         stats["bf16_gradients"] += _element_type(g) == "bf16"
+        return None
+
+    def _lower_pack(self, op: ir.Operation, kind: str, a: dict[str, Any], main: Any, block: ir.Block,
+                    axes: dict[str, int], stats: dict[str, Any]) -> str | None:
+        """A pack's composite (frontend/pack_kernel.py: lr, t, iterations, packed slots, variables, gradients)
+        as one multi-tensor custom call, or why it stays StableHLO."""
+        names = a["slots"].split(",") if a.get("slots") else []
+        k = int(a["members"])
+        lr, t, _iterations, *rest = list(op.operands)
+        slots, ps, grads = rest[:len(names)], rest[len(names):len(names) + k], rest[len(names) + k:]
+        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(_element_type(slots[0]), _element_type(slots[0]))
+        why = self._unavailable(kind, dtype)
+        if why is not None:
+            return why
+        if kind != "adam" + PACK_SUFFIX:
+            return f"no lowering of shardopt.{kind} composites"
+        expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
+        if names != expected or len(grads) != k:
+            return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
+        why = _state_problem([*slots, *ps], main, block, axes)
+        if why is not None:
+            return why
+        if any(_element_type(p) != _element_type(slots[0]) for p in ps):
+            return "variables of another dtype than their packed slots"
+        g, scale = _common_scale(grads) if self.fold_scale else (grads, None)
+        unconverted = [_unconverted(x) for x in g]
+        if len({_element_type(x) for x in unconverted}) == 1:
+            g = unconverted  # the kernel converts bfloat16 gradients exactly (and scales them in float32)
+        call = kernels.adam_pack_call(k, beta_1=a["beta_1"], beta_2=a["beta_2"], amsgrad=a["amsgrad"],
+                                      weight_decay=a["weight_decay"] if a["has_weight_decay"] else None,
+                                      clip_scale=scale is not None, scale_contracted=self.pack_scale_contracted)
+        with ir.InsertionPoint(op), op.location:
+            alpha, eps = _alpha_eps(a, lr, t)
+            named = {"m": slots[0], "v": slots[1], "alpha": alpha, "eps": eps, "lr": lr, "scale": scale}
+            if a["amsgrad"]:
+                named["vhat"] = slots[2]
+            kop = custom_call(call, [named[n] for n in call.operands] + list(ps) + list(g))
+        for old, new in zip(op.results, kop.results, strict=True):
+            old.replace_all_uses_with(new)
+        op.erase()
+        stats["lowered"] += 1
+        stats["packs_lowered"] = stats.get("packs_lowered", 0) + 1
+        stats["pack_members"] = stats.get("pack_members", 0) + k
+        stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
+        stats["scales_folded"] += scale is not None
+        stats["bf16_gradients"] += _element_type(g[0]) == "bf16" if g else 0
+        stats["gradient_buffers_freed"] = stats.get("gradient_buffers_freed", 0) + \
+            _pass_gradient_buffer_through(main, block, str(a["pack"]))
         return None

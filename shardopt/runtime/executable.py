@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -84,8 +84,26 @@ class CompiledStep:
         self._output_ids: list[int] = []
         weakref.finalize(self, _forget_outputs, self._output_ids)
         self._fn = jax.jit(exported.call, donate_argnums=contract.donated_argnums())
-        self.portable: CompiledStep | None = None  # the same step without compiled kernels, when it calls any
+        self._portable: CompiledStep | None = None  # the same step without compiled kernels, when it calls any
+        self._portable_factory: Callable[[], CompiledStep] | None = None
         self._mesh_devices = frozenset(self.mesh.devices.flat)
+
+    @property
+    def portable(self) -> CompiledStep | None:
+        """The same step without compiled kernels (artifacts, TF, a process without the library), built on first
+        use: its pipeline costs as much as the step's own, and most steps never need it."""
+        if self._portable is None and self._portable_factory is not None:
+            factory, self._portable_factory = self._portable_factory, None
+            self._portable = factory()
+        return self._portable
+
+    @portable.setter
+    def portable(self, step: CompiledStep | None) -> None:
+        self._portable, self._portable_factory = step, None
+
+    def defer_portable(self, factory: Callable[[], CompiledStep]) -> None:
+        """Builds `portable` with `factory` when it is first read."""
+        self._portable, self._portable_factory = None, factory
 
     @classmethod
     def from_module(cls, module_text: str, contract: StepContract, template: jax.export.Exported,

@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 
 namespace shardopt_kernels {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 struct Bf16 {
   uint16_t bits;
@@ -147,7 +147,7 @@ struct Segments {
   std::vector<int64_t> offset;  // K + 1 prefix offsets
 };
 
-// Calls run(state_begin, count, gradient_pointer, gradient_index_in_segment) for each piece of [a, b) that lies
+// Calls run(state_begin, count, gradient_pointer, index_in_segment, segment) for each piece of [a, b) that lies
 // in one gradient buffer.
 template <typename F>
 static void ForEachPiece(const Segments& seg, int64_t a, int64_t b, F&& run) {
@@ -159,7 +159,7 @@ static void ForEachPiece(const Segments& seg, int64_t a, int64_t b, F&& run) {
   }
   for (size_t j = lo; j < seg.data.size() && a < b; ++j) {
     const int64_t end = seg.offset[j + 1] < b ? seg.offset[j + 1] : b;
-    if (end > a) run(a, end - a, seg.data[j], a - seg.offset[j]);
+    if (end > a) run(a, end - a, seg.data[j], a - seg.offset[j], j);
     a = end;
   }
 }
@@ -281,6 +281,39 @@ static void WithFlags3(bool a, bool b, bool c, F&& f) {
   a ? c2(Bool<true>{}) : c2(Bool<false>{});
 }
 
+// Runs the Adam loops over the whole group: `p` is one buffer (p.size() == 1, indexed by the state position) or
+// one buffer per gradient segment (a pack whose variables stay in buffers of their own, indexed within the
+// segment); m, v and vhat are packed.
+static void AdamRunAll(ffi::ThreadPool& pool, ffi::DataType st, ffi::DataType gt, bool amsgrad,
+                       bool has_weight_decay, bool has_scale, bool scale_contracted, const AdamScalars& k,
+                       int64_t n, const Segments& seg, const std::vector<void*>& p, void* mp, void* vp,
+                       void* vhp) {
+  const bool segmented = p.size() > 1;
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  WithTypes(st, gt, [&](auto s_tag, auto g_tag) {
+    using S = decltype(s_tag);
+    using G = decltype(g_tag);
+    const int scale_mode = has_scale ? (scale_contracted ? 2 : 1) : 0;
+    WithFlags3(amsgrad, has_weight_decay, scale_mode == 2, [&](auto ams, auto wd, auto contracted) {
+     auto dispatch = [&](auto sc) {
+      constexpr int kSc = decltype(sc)::value ? (decltype(contracted)::value ? 2 : 1) : 0;
+      auto run = isa == kAvx2Fma ? &avx2_fma::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>
+                                 : &baseline::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>;
+      S* M = static_cast<S*>(mp);
+      S* V = static_cast<S*>(vp);
+      S* VH = static_cast<S*>(vhp);
+      ParallelChunks(pool, n, [&](int64_t a, int64_t b) {
+        ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t j) {
+          S* P = segmented ? static_cast<S*>(p[j]) + gat : static_cast<S*>(p[0]) + at;
+          run(P, M + at, V + at, VH ? VH + at : nullptr, static_cast<const G*>(g) + gat, count, k);
+        });
+      });
+     };
+     scale_mode ? dispatch(Bool<true>{}) : dispatch(Bool<false>{});
+    });
+  });
+}
+
 // ---- Adam -----------------------------------------------------------------------------------------------
 
 // Operands: p, m, v, then [vhat] alpha eps [lr] [scale] grad_0 ... grad_{K-1}; results p, m, v[, vhat].
@@ -336,29 +369,81 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
     vhp = (*vh_out)->untyped_data();
     if (vhp != vh_in) std::memcpy(vhp, vh_in, vh_bytes);
   }
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  WithTypes(st, *gt, [&](auto s_tag, auto g_tag) {
-    using S = decltype(s_tag);
-    using G = decltype(g_tag);
-    const int scale_mode = has_scale ? (scale_contracted ? 2 : 1) : 0;
-    WithFlags3(amsgrad, has_weight_decay, scale_mode == 2, [&](auto ams, auto wd, auto contracted) {
-     auto dispatch = [&](auto sc) {
-      constexpr int kSc = decltype(sc)::value ? (decltype(contracted)::value ? 2 : 1) : 0;
-      auto run = isa == kAvx2Fma ? &avx2_fma::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>
-                                 : &baseline::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>;
-      S* P = static_cast<S*>(pp);
-      S* M = static_cast<S*>(mp);
-      S* V = static_cast<S*>(vp);
-      S* VH = static_cast<S*>(vhp);
-      ParallelChunks(pool, n, [&](int64_t a, int64_t b) {
-        ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat) {
-          run(P + at, M + at, V + at, VH ? VH + at : nullptr, static_cast<const G*>(g) + gat, count, k);
-        });
-      });
-     };
-     scale_mode ? dispatch(Bool<true>{}) : dispatch(Bool<false>{});
-    });
-  });
+  AdamRunAll(pool, st, *gt, amsgrad, has_weight_decay, has_scale, scale_contracted, k, n, seg, {pp}, mp, vp, vhp);
+  return ffi::Error::Success();
+}
+
+// The same update for a pack whose variables stay in buffers of their own (slots packed): operands m, v, then
+// [vhat] alpha eps [lr] [scale] p_0 ... p_{K-1} grad_0 ... grad_{K-1}; results m, v, [vhat], p_0 ... p_{K-1}.
+// Each p_j has grad_j's element count; their concatenation is the packed state m, v and vhat are laid out as.
+static ffi::Error AdamPackImpl(ffi::ThreadPool pool, ffi::AnyBuffer m, ffi::AnyBuffer v, ffi::RemainingArgs rest,
+                               ffi::Result<ffi::AnyBuffer> m_out, ffi::Result<ffi::AnyBuffer> v_out,
+                               ffi::RemainingRets rest_out, float c1, float c2, bool amsgrad,
+                               bool has_weight_decay, float weight_decay, bool has_scale, bool scale_contracted) {
+  const ffi::DataType st = m.element_type();
+  if (!IsFloat(st) || v.element_type() != st)
+    return ffi::Error::InvalidArgument("m, v must share one dtype, float32 or bfloat16");
+  const int64_t n = static_cast<int64_t>(m.element_count());
+  if (static_cast<int64_t>(v.element_count()) != n)
+    return ffi::Error::InvalidArgument("m, v must have the same element count");
+  size_t i = 0;
+  const void* vh_in = nullptr;
+  size_t vh_bytes = 0;
+  if (amsgrad) {
+    auto vh = rest.get<ffi::AnyBuffer>(i++);
+    if (!vh.has_value() || vh->element_type() != st || static_cast<int64_t>(vh->element_count()) != n)
+      return ffi::Error::InvalidArgument("vhat must match m");
+    vh_in = vh->untyped_data();
+    vh_bytes = vh->size_bytes();
+  }
+  AdamScalars k{c1, c2, 0.f, 0.f, weight_decay, 0.f, 1.f};
+  auto alpha = Scalar(rest, i++, "alpha");
+  if (alpha.has_error()) return alpha.error();
+  k.alpha = *alpha;
+  auto eps = Scalar(rest, i++, "eps");
+  if (eps.has_error()) return eps.error();
+  k.eps = *eps;
+  if (has_weight_decay) {
+    auto lr = Scalar(rest, i++, "lr");
+    if (lr.has_error()) return lr.error();
+    k.lr = *lr;
+  }
+  if (has_scale) {
+    auto s = Scalar(rest, i++, "scale");
+    if (s.has_error()) return s.error();
+    k.scale = *s;
+  }
+  if (i > rest.size() || (rest.size() - i) % 2 != 0)
+    return ffi::Error::InvalidArgument("a pack update needs one variable buffer per gradient");
+  const size_t count = (rest.size() - i) / 2;
+  const size_t first_ret = amsgrad ? 1 : 0;
+  if (rest_out.size() != first_ret + count)
+    return ffi::Error::InvalidArgument("a pack update returns one buffer per variable");
+  Segments seg;
+  // Gradients follow the variables; Gradients() reads args[first:] to the end.
+  auto gt = Gradients(rest, i + count, n, &seg);
+  if (gt.has_error()) return gt.error();
+  std::vector<void*> p(count);
+  for (size_t j = 0; j < count; ++j) {
+    auto in = rest.get<ffi::AnyBuffer>(i + j);
+    auto out = rest_out.get<ffi::AnyBuffer>(first_ret + j);
+    if (!in.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("variable operand is not a buffer");
+    if (in->element_type() != st || static_cast<int64_t>(in->element_count()) != seg.offset[j + 1] - seg.offset[j])
+      return ffi::Error::InvalidArgument("variable " + std::to_string(j) +
+                                         " must have its gradient's element count and the slots' dtype");
+    p[j] = InPlace(*in, *out);
+  }
+  void* mp = InPlace(m, m_out);
+  void* vp = InPlace(v, v_out);
+  void* vhp = nullptr;
+  if (amsgrad) {
+    auto vh_out = rest_out.get<ffi::AnyBuffer>(0);
+    if (!vh_out.has_value()) return ffi::Error::InvalidArgument("missing vhat result");
+    vhp = (*vh_out)->untyped_data();
+    if (vhp != vh_in) std::memcpy(vhp, vh_in, vh_bytes);
+  }
+  if (count == 0) return ffi::Error::Success();
+  AdamRunAll(pool, st, *gt, amsgrad, has_weight_decay, has_scale, scale_contracted, k, n, seg, p, mp, vp, vhp);
   return ffi::Error::Success();
 }
 
@@ -401,7 +486,7 @@ static ffi::Error SgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffer
       S* P = static_cast<S*>(pp);
       S* M = static_cast<S*>(mp);
       ParallelChunks(pool, n, [&](int64_t a, int64_t b) {
-        ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat) {
+        ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t) {
           run(P + at, M + at, static_cast<const G*>(g) + gat, count, k);
         });
       });
@@ -425,6 +510,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptAdamUpdate, sk::AdamImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingRets()
+                                  .Attr<float>("one_minus_beta_1")
+                                  .Attr<float>("one_minus_beta_2")
+                                  .Attr<bool>("amsgrad")
+                                  .Attr<bool>("has_weight_decay")
+                                  .Attr<float>("weight_decay")
+                                  .Attr<bool>("has_scale")
+                                  .Attr<bool>("scale_contracted"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptAdamPackUpdate, sk::AdamPackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .RemainingRets()
