@@ -36,6 +36,7 @@ def _named_state(opt: Any) -> dict[str, Variable]:
     for var in opt._variables:  # optimizer variables that are not slots (`add_variable`)
         if id(var) not in slot_vars:
             out[var.name] = var
+    out.update(opt._optimizer_state)  # optimizer-level state (Nadam's u_product, skipped steps, optax's leaves)
     return out
 
 

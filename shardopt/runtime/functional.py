@@ -25,6 +25,7 @@ from shardopt.core.contract import (
     COUNTER,
     GRADIENT,
     HYPERPARAMETER,
+    OPTIMIZER_STATE,
     SLOT,
     VARIABLE,
     StepContract,
@@ -176,11 +177,10 @@ class FunctionalStep:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self, state: State) -> dict[str, jax.Array]:
-        """The state as a flat dict of named arrays for a checkpoint (orbax, ...): `<slot>/<variable name>` for
-        each slot (packed members cut out, each laid out as its variable), `iteration`, and `learning_rate` when
-        it is a runtime input. Packing is this step's business, not the checkpoint's: any step compiled for the
-        same variables restores it (`load_state_dict`). The arrays are copies, so the next step (which donates
-        the state) does not delete them."""
+        """The state as a flat dict of named arrays for a checkpoint (orbax, ...): `<slot>/<variable name>` per
+        slot (packed members cut out, each laid out as its variable), `iteration`, optimizer-level state by name,
+        and `learning_rate` when it is a runtime input. Any step compiled for the same variables restores it
+        (`load_state_dict`). The arrays are copies: the next step, which donates the state, does not delete them."""
         out: dict[str, jax.Array] = {}
         slots = self.slots(state)
         for slot in self.slot_names:
@@ -189,7 +189,7 @@ class FunctionalStep:
         for spec in self.contract.state:
             if spec.role == COUNTER:
                 out[CHECKPOINT_COUNTER] = state[spec.name]
-            elif spec.role == HYPERPARAMETER:
+            elif spec.role in (HYPERPARAMETER, OPTIMIZER_STATE):  # Nadam's u_product, skipped steps
                 out[spec.name] = state[spec.name]
         return {k: jnp.array(v, copy=True) for k, v in out.items()}
 
@@ -205,7 +205,7 @@ class FunctionalStep:
                 out[f"{slot}/{name}"] = jax.ShapeDtypeStruct(spec.shape, np.dtype(spec.dtype),
                                                              sharding=self._sharding(spec.name))
         for spec in self.contract.state:
-            if spec.role in (COUNTER, HYPERPARAMETER):
+            if spec.role in (COUNTER, HYPERPARAMETER, OPTIMIZER_STATE):
                 key = CHECKPOINT_COUNTER if spec.role == COUNTER else spec.name
                 out[key] = jax.ShapeDtypeStruct(spec.shape, np.dtype(spec.dtype), sharding=self._sharding(spec.name))
         return out
@@ -219,7 +219,7 @@ class FunctionalStep:
             sharding = self._sharding(spec.name)
             if spec.role == COUNTER:
                 value = values[CHECKPOINT_COUNTER]
-            elif spec.role == HYPERPARAMETER:
+            elif spec.role in (HYPERPARAMETER, OPTIMIZER_STATE):
                 value = values[spec.name]
             elif spec.role == SLOT and spec.pack is not None:
                 group = self.contract.pack(spec.pack)
