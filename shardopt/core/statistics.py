@@ -23,6 +23,17 @@ WORDS: dict[str, dict[str, str]] = {
         "scales_folded": "clipping scales folded into a kernel call",
         "bf16_gradients": "bfloat16 gradients handed to a kernel as they are",
         "library": "kernel library built for",
+        "packs_lowered": "packs updated whole by one multi-tensor kernel call",
+        "pack_members": "variables in those packs",
+        "gradient_buffers_freed": "gradient gathers the pack kernel made unnecessary",
+    },
+    "fixed-order-sums": {
+        "reductions": "float sums in the step",
+        "rewritten": "sums across devices made to add the devices' partial sums in a fixed order",
+        "gathers": "all-gathers of partial sums",
+        "partials_gathered": "partial sums gathered",
+        "left": "sums left as they were, by reason",
+        "ops_moved": "operations moved to keep definitions before uses",
     },
     "propagate-layouts": {
         "arguments": "step inputs laid out",

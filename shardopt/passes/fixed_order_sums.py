@@ -135,10 +135,12 @@ class FixedOrderSums(ModulePass):
                 left[reason] += 1
             else:
                 found.append(_local_sums(op, axes, mesh))
-        # full sums (one scalar each) whose shards lie on the same axes share one all-gather
+        # full sums (one scalar each) whose shards lie on the same axes share one all-gather, unless one depends
+        # on another (Adafactor's RMS of an update clipped by a global norm): gathered together, it would cycle
+        depth = _sum_depths(block, {p.reduce for p in found})
         groups: dict[tuple[Any, ...], list[_Partials]] = {}
         for p in found:
-            key = ("scalar", str(p.value.type), tuple(p.axes)) if p.scalar else ("own", id(p))
+            key = (("scalar", str(p.value.type), tuple(p.axes), depth[p.reduce]) if p.scalar else ("own", id(p)))
             groups.setdefault(key, []).append(p)
         position = {op.operation: i for i, op in enumerate(block.operations)}
         for members in groups.values():
@@ -198,6 +200,21 @@ def _local_sums(op: ir.Operation, axes: list[Axes], mesh: dict[str, int]) -> _Pa
         fir.add_body(part.operation, elt, 1)
         _pin(part.operation, _layout(partial_axes), len(partial_shape))
     return _Partials(op, part.results[0], shard_dims, partial_axes)
+
+
+def _sum_depths(block: ir.Block, reduces: set[ir.Operation]) -> dict[ir.Operation, int]:
+    """Per reduce in `reduces`: how many of them lie on the longest path to it, itself included (one pass in
+    block order). Reduces of equal depth do not depend on each other."""
+    depth: dict[ir.Value, int] = {}
+    out: dict[ir.Operation, int] = {}
+    for op in block.operations:
+        op = op.operation
+        d = max((depth.get(v, 0) for v in fir.used_values(op)), default=0) + (op in reduces)
+        if op in reduces:
+            out[op] = d
+        for r in op.results:
+            depth[r] = d
+    return out
 
 
 def _gather_and_sum(members: list[_Partials], position: dict[ir.Operation, int]) -> None:

@@ -86,9 +86,6 @@ class FuseClipping(ModulePass):
         mesh = sir.mesh_axes(module)
         groups: dict[tuple[str, Any, int], list[SumOfSquares]] = {}
         unbatched: Counter[str] = Counter()
-        found, reading = _not_reading_sums(block, found)
-        if reading:
-            unbatched["reads another sum of squares"] += reading
         depth = _norm_depths(block, found)
         for s in found:
             lay = layouts.of(s.x)
