@@ -314,6 +314,39 @@ static void AdamRunAll(ffi::ThreadPool& pool, ffi::DataType st, ffi::DataType gt
   });
 }
 
+// What both Adam handlers read after their fixed operands: [vhat] alpha eps [lr] [scale], in that order.
+struct AdamHead {
+  const void* vh_in = nullptr;
+  size_t vh_bytes = 0;
+  AdamScalars k{};
+  size_t next = 0;  // index in `rest` of the first operand after them
+};
+
+static ffi::ErrorOr<AdamHead> DecodeAdamHead(const ffi::RemainingArgs& rest, ffi::DataType st, int64_t n, float c1,
+                                             float c2, bool amsgrad, bool has_weight_decay, float weight_decay,
+                                             bool has_scale) {
+  AdamHead h;
+  h.k = AdamScalars{c1, c2, 0.f, 0.f, weight_decay, 0.f, 1.f};
+  size_t i = 0;
+  if (amsgrad) {
+    auto vh = rest.get<ffi::AnyBuffer>(i++);
+    if (!vh.has_value() || vh->element_type() != st || static_cast<int64_t>(vh->element_count()) != n)
+      return ffi::Unexpected(ffi::Error::InvalidArgument("vhat must match the state"));
+    h.vh_in = vh->untyped_data();
+    h.vh_bytes = vh->size_bytes();
+  }
+  float* scalars[] = {&h.k.alpha, &h.k.eps, has_weight_decay ? &h.k.lr : nullptr, has_scale ? &h.k.scale : nullptr};
+  const char* names[] = {"alpha", "eps", "lr", "scale"};
+  for (int j = 0; j < 4; ++j) {
+    if (scalars[j] == nullptr) continue;
+    auto x = Scalar(rest, i++, names[j]);
+    if (x.has_error()) return ffi::Unexpected(x.error());
+    *scalars[j] = *x;
+  }
+  h.next = i;
+  return h;
+}
+
 // ---- Adam -----------------------------------------------------------------------------------------------
 
 // Operands: p, m, v, then [vhat] alpha eps [lr] [scale] grad_0 ... grad_{K-1}; results p, m, v[, vhat].
@@ -328,33 +361,12 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
   const int64_t n = static_cast<int64_t>(p.element_count());
   if (static_cast<int64_t>(m.element_count()) != n || static_cast<int64_t>(v.element_count()) != n)
     return ffi::Error::InvalidArgument("p, m, v must have the same element count");
-  size_t i = 0;
-  const void* vh_in = nullptr;
-  size_t vh_bytes = 0;
-  if (amsgrad) {
-    auto vh = rest.get<ffi::AnyBuffer>(i++);
-    if (!vh.has_value() || vh->element_type() != st || static_cast<int64_t>(vh->element_count()) != n)
-      return ffi::Error::InvalidArgument("vhat must match p");
-    vh_in = vh->untyped_data();
-    vh_bytes = vh->size_bytes();
-  }
-  AdamScalars k{c1, c2, 0.f, 0.f, weight_decay, 0.f, 1.f};
-  auto alpha = Scalar(rest, i++, "alpha");
-  if (alpha.has_error()) return alpha.error();
-  k.alpha = *alpha;
-  auto eps = Scalar(rest, i++, "eps");
-  if (eps.has_error()) return eps.error();
-  k.eps = *eps;
-  if (has_weight_decay) {
-    auto lr = Scalar(rest, i++, "lr");
-    if (lr.has_error()) return lr.error();
-    k.lr = *lr;
-  }
-  if (has_scale) {
-    auto s = Scalar(rest, i++, "scale");
-    if (s.has_error()) return s.error();
-    k.scale = *s;
-  }
+  auto head = DecodeAdamHead(rest, st, n, c1, c2, amsgrad, has_weight_decay, weight_decay, has_scale);
+  if (head.has_error()) return head.error();
+  size_t i = head->next;
+  const void* vh_in = head->vh_in;
+  const size_t vh_bytes = head->vh_bytes;
+  const AdamScalars k = head->k;
   Segments seg;
   auto gt = Gradients(rest, i, n, &seg);
   if (gt.has_error()) return gt.error();
@@ -386,33 +398,12 @@ static ffi::Error AdamPackImpl(ffi::ThreadPool pool, ffi::AnyBuffer m, ffi::AnyB
   const int64_t n = static_cast<int64_t>(m.element_count());
   if (static_cast<int64_t>(v.element_count()) != n)
     return ffi::Error::InvalidArgument("m, v must have the same element count");
-  size_t i = 0;
-  const void* vh_in = nullptr;
-  size_t vh_bytes = 0;
-  if (amsgrad) {
-    auto vh = rest.get<ffi::AnyBuffer>(i++);
-    if (!vh.has_value() || vh->element_type() != st || static_cast<int64_t>(vh->element_count()) != n)
-      return ffi::Error::InvalidArgument("vhat must match m");
-    vh_in = vh->untyped_data();
-    vh_bytes = vh->size_bytes();
-  }
-  AdamScalars k{c1, c2, 0.f, 0.f, weight_decay, 0.f, 1.f};
-  auto alpha = Scalar(rest, i++, "alpha");
-  if (alpha.has_error()) return alpha.error();
-  k.alpha = *alpha;
-  auto eps = Scalar(rest, i++, "eps");
-  if (eps.has_error()) return eps.error();
-  k.eps = *eps;
-  if (has_weight_decay) {
-    auto lr = Scalar(rest, i++, "lr");
-    if (lr.has_error()) return lr.error();
-    k.lr = *lr;
-  }
-  if (has_scale) {
-    auto s = Scalar(rest, i++, "scale");
-    if (s.has_error()) return s.error();
-    k.scale = *s;
-  }
+  auto head = DecodeAdamHead(rest, st, n, c1, c2, amsgrad, has_weight_decay, weight_decay, has_scale);
+  if (head.has_error()) return head.error();
+  size_t i = head->next;
+  const void* vh_in = head->vh_in;
+  const size_t vh_bytes = head->vh_bytes;
+  const AdamScalars k = head->k;
   if (i > rest.size() || (rest.size() - i) % 2 != 0)
     return ffi::Error::InvalidArgument("a pack update needs one variable buffer per gradient");
   const size_t count = (rest.size() - i) / 2;
