@@ -3,14 +3,15 @@ one process with 8: host gradients (`--model host-grads`, the default) and GPT-2
 
     python benchmarks/bench_multiprocess.py                  # 2 processes x 4 CPU devices (gloo, loopback)
     python benchmarks/bench_multiprocess.py --processes 1    # the same in one process with 8 devices
-    python benchmarks/bench_multiprocess.py --model gpt2 [--processes 1]
+    python benchmarks/bench_multiprocess.py --model gpt2 [--processes 1] [--steps 5]
 
 GPT-2 small (shardopt.model_zoo.gpt2_small: 148 float32 tensors, 124M parameters, Megatron layouts on 'model',
 replicated on 'batch'): per variant, step time (median), the collectives in the partitioned HLO and the state
 bytes per device. Variants: no clipping (no collectives at all), global_clipnorm with the default pipeline
 (fixed-order-sums: the norm's per-device partial sums are all-gathered and added in one order, so 1 and 2
 processes agree bitwise) and global_clipnorm without fixed-order-sums (XLA's all-reduce, whose order of addition
-is gloo's or XLA's own). Gradients are placed once (`make_array_from_callback`), so no host transfer is timed.
+is gloo's or XLA's own). Gradients are placed once (`make_array_from_callback`), so no host transfer is timed;
+the variants share the params and gradients and their steps are interleaved, round by round.
 
 Modes (functional step `step(params, grads, state)`, and the Keras-shaped `apply_gradients`):
   numpy     numpy gradients: the step's `jax.device_put(g, sharding)` runs `multihost_utils.assert_equal` per
@@ -153,35 +154,40 @@ def gpt2_worker(args) -> dict:
                                    coordinator_bind_address=coord, initialization_timeout=60)
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
     specs = gpt2_small(mesh)
-    results = {}
+    steps, states, results = {}, {}, {}
     for name, kwargs in GPT2_VARIANTS.items():
         opt = shardopt.Adam(1e-4, mesh=mesh, **kwargs)
         if name.endswith("/all-reduce"):
             opt.pipeline = tuple(p for p in DEFAULT_PIPELINE if p != "fixed-order-sums")
         t = time.perf_counter()
-        step = opt.compile(specs)
+        steps[name] = step = opt.compile(specs)
         compile_s = time.perf_counter() - t
         hlo = step.executable.lower().compile().as_text()
         found = {}
         for c in re.findall(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
                             hlo):
             found[c] = found.get(c, 0) + 1
-
-        params = {n: _filled(specs[n].shape, step._sharding(n), 0.02) for n in step.names}
-        grads = {n: _filled(specs[n].shape, step._sharding(n), 1e-3) for n in step.names}
-        params = jax.tree_util.tree_unflatten(step.treedef, [params[n] for n in step.names])
-        grads = jax.tree_util.tree_unflatten(step.treedef, [grads[n] for n in step.names])
-        state = step.init(params)
-        times = []
-        for i in range(1 + args.steps):
+        results[name] = {"compile_s": compile_s, "collectives": found,
+                         "state_bytes_per_device": state_bytes_per_device(step.contract)}
+    # every variant has the same params and gradients (specs, layouts): one copy of each, passed from variant
+    # to variant (the step donates its params), and the variants' steps interleaved, so load drifts hit all alike
+    first = steps["plain"]
+    params = jax.tree_util.tree_unflatten(first.treedef, [_filled(specs[n].shape, first._sharding(n), 0.02)
+                                                          for n in first.names])
+    grads = jax.tree_util.tree_unflatten(first.treedef, [_filled(specs[n].shape, first._sharding(n), 1e-3)
+                                                         for n in first.names])
+    for name, step in steps.items():
+        states[name] = step.init(params)
+    times = {name: [] for name in steps}
+    for i in range(2 + args.steps):  # two warm-up rounds
+        for name, step in steps.items():
             t = time.perf_counter()
-            params, state = step(params, grads, state)
+            params, states[name] = step(params, grads, states[name])
             jax.block_until_ready(params)
-            if i:  # the first is the warm-up
-                times.append(time.perf_counter() - t)
-        results[name] = {"median_ms": float(np.median(times)) * 1e3, "steps": len(times), "compile_s": compile_s,
-                         "collectives": found, "state_bytes_per_device": state_bytes_per_device(step.contract)}
-        del params, grads, state, step
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+    for name in steps:
+        results[name].update(median_ms=float(np.median(times[name])) * 1e3, steps=len(times[name]))
     if args.processes > 1:
         jax.distributed.shutdown()
     return results
@@ -235,7 +241,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="measuring time per mode")
     ap.add_argument("--timeout", type=float, default=900.0, help="kill the workers after this many seconds")
     ap.add_argument("--model", choices=["host-grads", "gpt2"], default="host-grads")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per GPT-2 variant (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per GPT-2 variant (after two warm-up rounds)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
