@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from shardopt.core.contract import EMA_SLOT, StepEntry
+from shardopt.core.contract import EMA_SLOT, OPTIMIZER_STATE, StepContract, StepEntry
 from shardopt.core.packing import PackGroup
 from shardopt.kernels import DTYPES as KERNEL_DTYPES
 from shardopt.kernels import KERNELS, PACK_SUFFIX
@@ -50,6 +50,23 @@ def pack_kernel_spec(rule: Any, pack: PackGroup, entries: dict[str, StepEntry],
     wd = rule.weight_decay if members[0].weight_decay else None
     return kind, {**attributes, "has_weight_decay": wd is not None, "weight_decay": float(wd or 0.0),
                   "slots": ",".join(names), "members": len(members), "pack": pack.name}
+
+
+def select_kernel_packs(rule: Any, contract: StepContract, entries: list[StepEntry]
+                        ) -> list[tuple[PackGroup, tuple[str, dict[str, Any]]]]:
+    """The packs of `contract` updated through one kernel composite each this step: none with optimizer-level
+    state or `skip_nonfinite` (both read or gate every member's update)."""
+    if contract.args_with_role(OPTIMIZER_STATE) or getattr(rule, "update_tree", None) is not None:
+        return []
+    names = {a.name for a in contract.args}
+    by_name = {e.name: e for e in entries}
+    dense = {e.name: f"grad_indices/{e.name}" not in names for e in entries}
+    out = []
+    for pack in contract.packs:
+        spec = pack_kernel_spec(rule, pack, by_name, dense)
+        if spec is not None:
+            out.append((pack, spec))
+    return out
 
 
 def pack_update(update: Callable[..., Any], pack: PackGroup, spec: tuple[str, dict[str, Any]],

@@ -34,7 +34,7 @@ from shardopt.core.contract import (
 from shardopt.core.layout import state_layout
 from shardopt.core.packing import PackGroup
 from shardopt.frontend import clipping
-from shardopt.frontend.pack_kernel import pack_kernel_spec, pack_update
+from shardopt.frontend.pack_kernel import pack_update, select_kernel_packs
 
 State = dict[str, jax.Array]
 
@@ -81,7 +81,7 @@ def make_step_fn(rule: UpdateRule, contract: StepContract, entries: list[StepEnt
     members = contract.member_of()
     packed_slots = [a for a in contract.args if a.role == SLOT and a.pack is not None]
     traced = _traced_once(rule)
-    kernel_packs = _kernel_packs(rule, contract, entries)
+    kernel_packs = select_kernel_packs(rule, contract, entries)
     in_kernel_pack = {m.name for p, _ in kernel_packs for m in p.members}
 
     def step(*flat: jax.Array) -> tuple[jax.Array, ...]:
@@ -157,23 +157,6 @@ def _state_sharded(e: StepEntry, contract: StepContract) -> bool:
         return False
     lay, _ = state_layout(e.shape, e.layout, e.shard_state_over, dict(contract.mesh_axes))
     return lay is not None and tuple(lay) != tuple(e.layout)
-
-
-def _kernel_packs(rule: UpdateRule, contract: StepContract, entries: list[StepEntry]
-                  ) -> list[tuple[PackGroup, tuple[str, dict[str, Any]]]]:
-    """The packs updated through one kernel composite each (frontend/pack_kernel.py): none with optimizer-level
-    state or `skip_nonfinite` (both read or gate every member's update)."""
-    if contract.args_with_role(OPTIMIZER_STATE) or getattr(rule, "update_tree", None) is not None:
-        return []
-    names = {a.name for a in contract.args}
-    by_name = {e.name: e for e in entries}
-    dense = {e.name: f"grad_indices/{e.name}" not in names for e in entries}
-    out = []
-    for pack in contract.packs:
-        spec = pack_kernel_spec(rule, pack, by_name, dense)
-        if spec is not None:
-            out.append((pack, spec))
-    return out
 
 
 def _gathered_gradients(pack: PackGroup, entries: list[StepEntry],
