@@ -46,6 +46,7 @@ from shardopt.optimizers.variables import Variable
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
 from shardopt.runtime.executable import array_type
 from shardopt.runtime.functional import FunctionalStep
+from shardopt.runtime.host_gradients import trusts_host_gradients
 
 log = logging.getLogger("shardopt")
 
@@ -244,15 +245,21 @@ class Optimizer(StateMixin, HyperparameterMixin):
         return variables, state_args, results
 
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Variable]], name: str | None = None,
-                        skip_gradients_aggregation: bool = False, **kwargs: Any) -> Variable:
+                        skip_gradients_aggregation: bool = False, *, host_gradients: str = "checked",
+                        **kwargs: Any) -> Variable:
         """Applies one step: compiled once per gradient signature, then cached. Returns `iterations`.
 
+        `host_gradients="consistent"`: in a multi-process job, numpy gradients are the same in every process (the
+        caller's promise, unchecked) and are placed without jax's per-array cross-process equality check (an
+        all-gather per gradient per step); the default "checked" keeps it. One process: no difference.
+
         Safe to call from several threads: steps run one at a time (each donates the state it reads)."""
+        trusts_host_gradients(host_gradients)  # a bad mode is refused before anything runs
         pairs = list(grads_and_vars)
         with self._lock:
-            return self._apply(pairs)
+            return self._apply(pairs, host_gradients)
 
-    def _apply(self, pairs: list[tuple[Any, Variable]]) -> Variable:
+    def _apply(self, pairs: list[tuple[Any, Variable]], host_gradients: str = "checked") -> Variable:
         schedule = self._schedule()
         if not pairs:
             if schedule is not None:
@@ -304,7 +311,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         args = [h.value for h in var_holders] + grad_arrays + [h.value for h in state_holders]
         if schedule is None:
             args.append(self._lr_input())
-        outs = program.executable(args)
+        outs = program.executable(args, host_gradients)
         for holder, value in zip(result_holders, outs, strict=False):
             holder._set(value)
         if schedule is not None:
