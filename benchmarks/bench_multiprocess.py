@@ -3,14 +3,16 @@ one process with 8: host gradients (`--model host-grads`, the default) and GPT-2
 
     python benchmarks/bench_multiprocess.py                  # 2 processes x 4 CPU devices (gloo, loopback)
     python benchmarks/bench_multiprocess.py --processes 1    # the same in one process with 8 devices
-    python benchmarks/bench_multiprocess.py --model gpt2 [--processes 1] [--steps 5]
+    python benchmarks/bench_multiprocess.py --model gpt2 [--processes 1] [--steps 5] [--variants plain,...]
 
 GPT-2 small (shardopt.model_zoo.gpt2_small: 148 float32 tensors, 124M parameters, Megatron layouts on 'model',
 replicated on 'batch'): per variant, step time (median), the collectives in the partitioned HLO and the state
 bytes per device. Variants: no clipping (no collectives at all), global_clipnorm with the default pipeline
 (fixed-order-sums: the norm's per-device partial sums are all-gathered and added in one order, so 1 and 2
 processes agree bitwise) and global_clipnorm without fixed-order-sums (XLA's all-reduce, whose order of addition
-is gloo's or XLA's own). Gradients are placed once (`make_array_from_callback`), so no host transfer is timed;
+is gloo's or XLA's own), and the first two with `shard_state_over="batch"` (weight-update sharding: Adam's
+slots sharded over 'batch' too, each device updates its shard and the new variable is all-gathered; state bytes
+per device halve). Gradients are placed once (`make_array_from_callback`), so no host transfer is timed;
 the variants share the params and gradients and their steps are interleaved, round by round.
 
 Modes (functional step `step(params, grads, state)`, and the Keras-shaped `apply_gradients`):
@@ -138,7 +140,9 @@ def worker(args) -> dict:
 
 
 GPT2_VARIANTS = {"plain": {}, "global_clipnorm": {"global_clipnorm": 1.0},
-                 "global_clipnorm/all-reduce": {"global_clipnorm": 1.0}}
+                 "global_clipnorm/all-reduce": {"global_clipnorm": 1.0},
+                 "plain/state-sharded": {"shard_state_over": "batch"},
+                 "global_clipnorm/state-sharded": {"global_clipnorm": 1.0, "shard_state_over": "batch"}}
 
 
 def _filled(shape, sharding, value):
@@ -168,7 +172,8 @@ def gpt2_worker(args) -> dict:
     mesh = jax.make_mesh((2, 4), ("batch", "model"))
     specs = gpt2_small(mesh)
     steps, states, results = {}, {}, {}
-    for name, kwargs in GPT2_VARIANTS.items():
+    for name in args.variants.split(","):
+        kwargs = GPT2_VARIANTS[name]
         opt = shardopt.Adam(1e-4, mesh=mesh, **kwargs)
         if name.endswith("/all-reduce"):
             opt.pipeline = tuple(p for p in DEFAULT_PIPELINE if p != "fixed-order-sums")
@@ -184,7 +189,7 @@ def gpt2_worker(args) -> dict:
                          "state_bytes_per_device": state_bytes_per_device(step.contract)}
     # every variant has the same params and gradients (specs, layouts): one copy of each, passed from variant
     # to variant (the step donates its params), and the variants' steps interleaved, so load drifts hit all alike
-    first = steps["plain"]
+    first = next(iter(steps.values()))  # sharded state or not, the variables keep their layouts
     params = jax.tree_util.tree_unflatten(first.treedef, [_filled(specs[n].shape, first._sharding(n), 0.02)
                                                           for n in first.names])
     grads = jax.tree_util.tree_unflatten(first.treedef, [_filled(specs[n].shape, first._sharding(n), 1e-3)
@@ -228,8 +233,8 @@ def launch(args) -> list[dict]:
             errs.append(tempfile.TemporaryFile("w+"))
             procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--processes", str(args.processes),
                                            "--seconds", str(args.seconds), "--model", args.model,
-                                           "--steps", str(args.steps)], env=env, stdout=subprocess.PIPE,
-                                          stderr=errs[-1], start_new_session=True, text=True))
+                                           "--steps", str(args.steps), "--variants", args.variants], env=env,
+                                          stdout=subprocess.PIPE, stderr=errs[-1], start_new_session=True, text=True))
         deadline = time.monotonic() + args.timeout
         outs = []
         for p, err in zip(procs, errs, strict=True):
@@ -255,6 +260,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="kill the workers after this many seconds")
     ap.add_argument("--model", choices=["host-grads", "gpt2"], default="host-grads")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per GPT-2 variant (after two warm-up rounds)")
+    ap.add_argument("--variants", default=",".join(GPT2_VARIANTS), help="comma-separated GPT-2 variants, of: "
+                    + ", ".join(GPT2_VARIANTS))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -263,14 +270,20 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     outs = launch(args)
     if args.model == "gpt2":
+        print(f"load average {load_before:.1f} before")
         print(f"GPT-2 small (124M float32 parameters, Megatron layouts), Adam, {args.processes} process(es) x "
               f"{8 // args.processes} CPU devices on a 2x4 mesh; median of {args.steps} steps (the slowest process)")
-        print(f"{'variant':28s} {'ms/step':>9s} {'compile s':>9s} {'state/device':>13s}  collectives (partitioned HLO)")
+        print(f"load average {os.getloadavg()[0]:.1f} after; {os.cpu_count()} CPU cores for 8 virtual devices")
+        print(f"{'variant':30s} {'ms/step':>9s} {'compile s':>9s} {'state/device':>13s} {'less':>6s}  "
+              "collectives (partitioned HLO)")
         for name in outs[0]:
             ms = max(o[name]["median_ms"] for o in outs)
             r = outs[0][name]
+            base = outs[0].get(name.split("/")[0], r)  # the same clipping without state sharding
+            less = base["state_bytes_per_device"] / r["state_bytes_per_device"]
             coll = ", ".join(f"{k} x{v}" for k, v in sorted(r["collectives"].items())) or "none"
-            print(f"{name:28s} {ms:9.1f} {r['compile_s']:9.1f} {r['state_bytes_per_device'] / 2**20:10.1f} MiB  {coll}")
+            print(f"{name:30s} {ms:9.1f} {r['compile_s']:9.1f} {r['state_bytes_per_device'] / 2**20:9.1f} MiB "
+                  f"{less:5.2f}x  {coll}")
         return
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{args.processes} process(es) x {8 // args.processes} CPU devices, {N_VARS} float32{list(SHAPE)} "
