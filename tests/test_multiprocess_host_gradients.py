@@ -25,7 +25,7 @@ import shardopt  # noqa: E402
 WORKER = str(mpl.WORKERS / "worker.py")
 N_GRADIENTS = 4  # dense/kernel, proj/kernel, big/kernel, dense/bias: each sharding spans both processes
 RUNS = ["keras_checked", "keras_consistent", "compiled_checked", "compiled_consistent", "inconsistent_checked",
-        "inconsistent_consistent"]
+        "inconsistent_consistent", "consistent_refuses_bad_gradients"]
 
 
 def load(tmp, name, pid, results):
@@ -111,6 +111,15 @@ def test_consistent_path_does_not_check_and_replicas_drift(two):
     for r in (r0, r1):
         assert int(r["raised"]) == 0 and int(r["iterations"]) == 2 and int(r[hgs.CALLS]) == 0, r
     assert not np.array_equal(r0["local/dense/bias"], r1["local/dense/bias"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_consistent_path_still_validates_before_donating(two):
+    tmp, results = two
+    for pid in (0, 1):
+        r = load(tmp, "consistent_refuses_bad_gradients", pid, results)
+        assert all(int(v) == 1 for v in r.values()), r
 
 
 # --- one process: accepted and a no-op ------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import contextlib
 import jax
 import numpy as np
 
+import shardopt
+
 try:  # imported from the tests (tests/ on sys.path) or by worker.py (tests/mp_workers/ on sys.path)
     from mp_workers import scenarios
 except ImportError:
@@ -128,7 +130,27 @@ def inconsistent_consistent(mesh):
     return inconsistent(mesh, "consistent")
 
 
+def consistent_refuses_bad_gradients(mesh):
+    """Unchecked across processes is not unvalidated: a gradient of the wrong dtype or shape is refused, naming it,
+    before the step donates anything (params and state stay alive)."""
+    step = scenarios.compile_step(mesh)
+    p0, grads = scenarios._tree_data(step, seed=5, steps=1)
+    p = step.place_params(p0)
+    s = step.init(p)
+    out = {}
+    for what, bad in (("dtype", lambda g: g.astype(np.float64)), ("shape", lambda g: g[:1])):
+        g = jax.tree.map(lambda x: x, grads[0])
+        g["proj"] = bad(g["proj"])
+        try:
+            step(p, g, s, host_gradients="consistent")
+            out[f"refused/{what}"] = np.asarray(0)
+        except shardopt.StepInputError as e:
+            out[f"refused/{what}"] = np.asarray(int(str(e).startswith("grad/proj: expected " + what)))
+        out[f"alive/{what}"] = np.asarray(int(not any(x.is_deleted() for x in jax.tree.leaves((p, s)))))
+    return out
+
+
 SCENARIOS = {f.__name__: f for f in (keras_checked, keras_consistent, compiled_checked, compiled_consistent,
-                                     inconsistent_checked, inconsistent_consistent)}
+                                     inconsistent_checked, inconsistent_consistent, consistent_refuses_bad_gradients)}
 
 __all__ = ["CALLS", "SCENARIOS", "counting_assert_equal"]
