@@ -5,75 +5,25 @@ reduce-scatter and no all-reduce, on CPU too, where XLA has no all-reduce + dyna
 rewrite (the reduced path keeps its all-reduce: pinned below), and the numbers are bitwise the reduced path's.
 """
 
-import re
+import sys
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import shardopt
 from shardopt.optimizers.state_sharding import scattered_pipeline
 
-U = shardopt.UNSHARDED
-W0 = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32) * 0.1
-B0 = np.random.default_rng(1).standard_normal((64,)).astype(np.float32) * 0.1
-X = np.random.default_rng(2).standard_normal((16, 128)).astype(np.float32)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import multiprocess_lib as mpl  # noqa: E402
+from mp_workers import scattered_jit as sj  # noqa: E402
+from mp_workers.scattered_jit import count, run, specs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    return jax.make_mesh((2, 4), ("batch", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-
-
-def specs(mesh):
-    return {"w": shardopt.VariableSpec((128, 64), "float32", shardopt.Layout([U, "model"], mesh)),
-            "b": shardopt.VariableSpec((64,), "float32", shardopt.Layout(["model"], mesh))}
-
-
-def local_grads(p, x):
-    """Per-replica gradients of the local batch (inside shard_map): not yet summed over 'batch'."""
-    p = jax.tree.map(lambda a: jax.lax.pcast(a, ("batch",), to="varying"), p)
-    return jax.grad(lambda p: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2))(p)
-
-
-def train_step(step, mesh, scatter):
-    fn = step.as_jax_function()
-    pspec = {"w": P(None, "model"), "b": P("model")}
-    if scatter:  # reduced and scattered over 'batch' in one collective, laid out like the state
-        gspec = {k: step.executable.in_shardings[step.contract.arg_index(f"grad/{k}")].spec for k in pspec}
-
-        def grads(p, x):
-            return {k: jax.lax.psum_scatter(g, "batch", scatter_dimension=0, tiled=True)
-                    for k, g in local_grads(p, x).items()}
-    else:
-        gspec = pspec
-
-        def grads(p, x):
-            return jax.lax.psum(local_grads(p, x), "batch")
-
-    def train(params, state, x):
-        g = jax.shard_map(grads, mesh=mesh, in_specs=(pspec, P("batch", None)), out_specs=gspec)(params, x)
-        return fn(params, g, state)
-    return jax.jit(train, donate_argnums=(0, 1))
-
-
-def run(step, mesh, scatter, steps=3):
-    train = train_step(step, mesh, scatter)
-    params = step.place_params({"w": W0, "b": B0})
-    state = step.init(params)
-    x = jax.device_put(X, NamedSharding(mesh, P("batch", None)))
-    hlo = train.lower(params, state, x).compile().as_text()
-    for _ in range(steps):
-        params, state = train(params, state, x)
-    return jax.tree.map(np.asarray, (params, step.state_dict(state))), hlo
-
-
-def count(kind, text):
-    """Ops of `kind` in compiled HLO (a combined all-reduce of a tuple counts once)."""
-    return len(re.findall(rf"\s{kind}(-start)?\(", text))
+    return sj.explicit_mesh()
 
 
 def test_reduce_scatter_replaces_the_all_reduce_and_the_numbers_are_the_reduced_paths(mesh):
@@ -122,3 +72,25 @@ def test_scattered_pipeline(pipeline, want):
     assert scattered_pipeline(pipeline) == want
     with pytest.raises(ValueError, match="needs propagate-layouts"):
         scattered_pipeline(("inline-calls",))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_reduce_scatter_through_gloo_bitwise_one_process(tmp_path):
+    """2 processes x 4 devices: the reduce-scatter runs across the processes (gloo); the scattered and the reduced
+    path give bitwise the single 8-device process's numbers, and the scattered program has no all-reduce."""
+    results = mpl.launch([str(mpl.WORKERS / "worker.py"), str(tmp_path), "scattered_in_user_jit",
+                          "reduced_in_user_jit"], tmp_path, timeout_s=180)
+    assert [r.returncode for r in results] == [0, 0], mpl.describe(results)
+    want = sj.reduced_in_user_jit()
+    for pid in (0, 1):
+        for name in ("scattered_in_user_jit", "reduced_in_user_jit"):
+            err = tmp_path / f"{name}.p{pid}.error.txt"
+            assert not err.exists(), err.read_text()
+            with np.load(tmp_path / f"{name}.p{pid}.npz") as z:
+                got = {k: z[k] for k in z.files}
+            for k in want:
+                if not k.startswith("collectives/"):
+                    np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k} p{pid}")
+            if name == "scattered_in_user_jit":
+                assert int(got["collectives/reduce-scatter"]) == 2 and int(got["collectives/all-reduce"]) == 0

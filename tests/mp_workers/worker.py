@@ -1,7 +1,7 @@
 """One process of a multi-process run (started by tests/multiprocess_lib.launch, which sets the SHARDOPT_MP_*
 environment): joins the job through `jax.distributed.initialize`, runs the named scenarios of
-tests/mp_workers/scenarios.py and host_gradient_scenarios.py on the global 2x4 mesh, and saves each result as
-<out>/<scenario>.p<id>.npz (or <scenario>.p<id>.error.txt with the traceback when it raises).
+tests/mp_workers/scenarios.py (and host_gradient_scenarios.py, scattered_jit.py) on the global 2x4 mesh, and
+saves each result as <out>/<scenario>.p<id>.npz (or <scenario>.p<id>.error.txt with the traceback when it raises).
 
 usage: python tests/mp_workers/worker.py OUT_DIR [LABEL:]SCENARIO[=ARG] ...   (results saved under LABEL,
 default the scenario's name, so one scenario can run twice with different arguments)
@@ -18,9 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_gradient_scenarios  # noqa: E402
+import scattered_jit  # noqa: E402
 import scenarios  # noqa: E402
 
-SCENARIOS = {**scenarios.SCENARIOS, **host_gradient_scenarios.SCENARIOS}
+SCENARIOS = {**scenarios.SCENARIOS, **host_gradient_scenarios.SCENARIOS, **scattered_jit.SCENARIOS}
 
 
 def main() -> int:
