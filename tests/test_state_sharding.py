@@ -327,7 +327,8 @@ def test_embedded_in_the_users_jit():
     assert count("all-gather", hlo1) >= count("all-gather", hlo0) + 3
     assert re.search(r"f32\[64,8\]\{1,0\} all-gather\(", hlo1)
     # XLA:CPU has no reduce-scatter rewrite: the gradients' all-reduce stays, followed by the local slice the
-    # sharded update reads (XLA:GPU/TPU turn all-reduce + dynamic-slice into a reduce-scatter)
+    # sharded update reads (XLA:GPU/TPU turn all-reduce + dynamic-slice into a reduce-scatter; on CPU,
+    # compile(..., scatter_gradients=True) with the user's psum_scatter gives one: tests/test_scatter_gradients.py)
     assert count("reduce-scatter", hlo1) == 0 and count("all-reduce", hlo1) >= 1
 
 

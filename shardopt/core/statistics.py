@@ -41,6 +41,7 @@ WORDS: dict[str, dict[str, str]] = {
         "followed_owner": "slots and gradients given their variable's layout",
         "replicated": "inputs replicated (scalars, the counter)",
         "results": "step outputs laid out like the state they replace",
+        "scattered_gradients": "gradients taken reduce-scattered, in their state's layout",
     },
     "fuse-moments": {
         "units": "per-variable updates found",

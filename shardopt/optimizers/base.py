@@ -46,6 +46,7 @@ from shardopt.optimizers.variables import Variable
 from shardopt.passes.pipeline import DEFAULT_PIPELINE
 from shardopt.runtime.executable import array_type
 from shardopt.runtime.functional import FunctionalStep
+from shardopt.runtime.host_gradients import trusts_host_gradients
 
 log = logging.getLogger("shardopt")
 
@@ -188,18 +189,20 @@ class Optimizer(StateMixin, HyperparameterMixin):
 
     # ----- applying gradients ----------------------------------------------------------------------------
     def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = (),
-                 mesh: Mesh | None = None) -> StepProgram:
-        """The compiled step for `entries` (cached per entries, packs, mesh and learning-rate schedule)."""
+                 mesh: Mesh | None = None, pipeline: tuple[str, ...] | None = None) -> StepProgram:
+        """The compiled step for `entries` (cached per entries, packs, mesh, learning-rate schedule and
+        pipeline; `pipeline` defaults to the optimizer's)."""
         mesh = mesh or self.mesh
+        pipeline = tuple(self.pipeline) if pipeline is None else pipeline
         entries = tuple(self._with_slot_spec(e) for e in entries)
         if self.weight_decay is not None and (self._exclude_from_weight_decay or self._exclude_names):
             entries = tuple(dataclasses.replace(e, weight_decay=self._use_weight_decay(e.name)) for e in entries)
         entries = state_sharding.with_requests(self.shard_state_over, entries)
-        key = (entries, packs, _mesh_key(mesh), self._schedule_key())
+        key = (entries, packs, _mesh_key(mesh), self._schedule_key(), pipeline)
         program = self._programs.get(key)
         if program is None:
             program = compile_step(self, entries, mesh, schedule=self._schedule(), packs=packs,
-                                   slot_names=self._pack_slots(), pipeline=self.pipeline)
+                                   slot_names=self._pack_slots(), pipeline=pipeline)
             self._programs[key] = program
             while len(self._programs) > MAX_PROGRAMS:  # bounded: the oldest signature is compiled again if needed
                 self._programs.pop(next(iter(self._programs)))
@@ -244,15 +247,21 @@ class Optimizer(StateMixin, HyperparameterMixin):
         return variables, state_args, results
 
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Variable]], name: str | None = None,
-                        skip_gradients_aggregation: bool = False, **kwargs: Any) -> Variable:
+                        skip_gradients_aggregation: bool = False, *, host_gradients: str = "checked",
+                        **kwargs: Any) -> Variable:
         """Applies one step: compiled once per gradient signature, then cached. Returns `iterations`.
 
+        `host_gradients="consistent"`: in a multi-process job, numpy gradients are the same in every process (the
+        caller's promise, unchecked) and are placed without jax's per-array cross-process equality check (an
+        all-gather per gradient per step); the default "checked" keeps it. One process: no difference.
+
         Safe to call from several threads: steps run one at a time (each donates the state it reads)."""
+        trusts_host_gradients(host_gradients)  # a bad mode is refused before anything runs
         pairs = list(grads_and_vars)
         with self._lock:
-            return self._apply(pairs)
+            return self._apply(pairs, host_gradients)
 
-    def _apply(self, pairs: list[tuple[Any, Variable]]) -> Variable:
+    def _apply(self, pairs: list[tuple[Any, Variable]], host_gradients: str = "checked") -> Variable:
         schedule = self._schedule()
         if not pairs:
             if schedule is not None:
@@ -304,7 +313,7 @@ class Optimizer(StateMixin, HyperparameterMixin):
         args = [h.value for h in var_holders] + grad_arrays + [h.value for h in state_holders]
         if schedule is None:
             args.append(self._lr_input())
-        outs = program.executable(args)
+        outs = program.executable(args, host_gradients)
         for holder, value in zip(result_holders, outs, strict=False):
             holder._set(value)
         if schedule is not None:
@@ -404,7 +413,12 @@ class Optimizer(StateMixin, HyperparameterMixin):
             for var, w in zip(variables, weights, strict=True):
                 var.assign(np.asarray(w, var.dtype))
 
-    def compile(self, specs: Any) -> FunctionalStep:
+    def compile(self, specs: Any, *, scatter_gradients: bool = False) -> FunctionalStep:
         """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data (see
-        `functional_compile.compile_functional`): `state = step.init(params)`, `params, state = step(...)`."""
-        return compile_functional(self, specs)
+        `functional_compile.compile_functional`): `state = step.init(params)`, `params, state = step(...)`.
+
+        `scatter_gradients=True` (with `shard_state_over`): a state-sharded variable's gradient is taken in its
+        state's layout, as `jax.lax.psum_scatter(g, axis, scatter_dimension=d, tiled=True)` of per-replica
+        gradients returns it inside the user's `shard_map`, so the user's jit has a reduce-scatter and no
+        all-reduce of the gradients (the README's "Weight-update sharding")."""
+        return compile_functional(self, specs, scatter_gradients=scatter_gradients)

@@ -24,7 +24,8 @@ from shardopt.runtime.functional import (
 )
 
 
-def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optimizers.base.Optimizer
+def compile_functional(opt: Any, specs: Any, scatter_gradients: bool = False
+                       ) -> FunctionalStep:  # opt: an optimizers.base.Optimizer
     """Compiles the step for a pytree of `VariableSpec`s or `Variable`s, without data.
 
     Returns a functional step: `state = step.init(params)`, `params, state = step(params, grads, state)`.
@@ -63,14 +64,20 @@ def compile_functional(opt: Any, specs: Any) -> FunctionalStep:  # opt: an optim
     packable = [(e.name, e.shape, e.dtype, e.layout) for e in entries if opt._packable(e.shape)
                 and not state_sharding.is_sharded(opt.shard_state_over, e.name, e.shape, e.layout, mesh_axes)]
     packs = plan_packs(packable, mesh_axes, opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
-    program = opt._program(tuple(entries), packs, mesh)
+    pipeline = tuple(opt.pipeline)
+    if scatter_gradients:
+        if opt.shard_state_over is None:
+            raise ValueError("scatter_gradients=True needs shard_state_over: only state-sharded variables take "
+                             "reduce-scattered gradients")
+        pipeline = state_sharding.scattered_pipeline(pipeline)
+    program = opt._program(tuple(entries), packs, mesh, pipeline)
     schedule = opt._schedule()
     return FunctionalStep(
         executable=program.executable, treedef=treedef, names=tuple(names),
         slot_names=opt._entry_slots(),
         slot_init=_initial_values(opt),
         initial_learning_rate=None if schedule is not None else float(opt._learning_rate),
-        optimizer_config=opt.get_config(), pipeline=tuple(opt.pipeline), program=program,
+        optimizer_config=opt.get_config(), pipeline=pipeline, program=program,
         optimizer_class=type(opt).__name__)
 
 

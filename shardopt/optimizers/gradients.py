@@ -18,10 +18,11 @@ def _not_an_array(grad: Any, var: Variable, what: str = "gradient") -> TypeError
                      f"{type(grad).__name__}")
 
 
-def gradient_array(grad: Any, var: Variable, what: str = "gradient") -> jax.Array:
-    """`grad` as a jax array of the variable's dtype. The dtype checked is the one `grad` arrives with: without
-    jax x64, `jnp.asarray` would silently narrow a numpy float64 gradient for a float32 variable. Anything that
-    is not numeric (a string, dict, object, None inside IndexedSlices) is a TypeError naming the variable."""
+def gradient_array(grad: Any, var: Variable, what: str = "gradient") -> jax.Array | np.ndarray:
+    """`grad` as an array of the variable's dtype (a numpy array as it is, anything else as a jax array). The
+    dtype checked is the one `grad` arrives with: without jax x64, `jnp.asarray` would silently narrow a numpy
+    float64 gradient for a float32 variable. Anything that is not numeric (a string, dict, object, None inside
+    IndexedSlices) is a TypeError naming the variable."""
     if grad is None or isinstance(grad, (str, bytes, dict, set, frozenset)):
         raise _not_an_array(grad, var, what)
     try:
@@ -30,8 +31,8 @@ def gradient_array(grad: Any, var: Variable, what: str = "gradient") -> jax.Arra
         raise _not_an_array(grad, var, what) from None
     if dtype is not None and dtype != var.dtype:
         raise TypeError(f"{what} for {var.name!r} has dtype {dtype}, the variable {var.dtype}")
-    if isinstance(grad, jax.Array):
-        return grad
+    if isinstance(grad, (jax.Array, np.ndarray)) and dtype is not None:
+        return grad  # a numpy one stays on the host: the step places it once, on its sharding
     try:
         g = jnp.asarray(grad)
     except (TypeError, ValueError):

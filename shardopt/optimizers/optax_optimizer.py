@@ -131,9 +131,9 @@ class OptaxOptimizer(Optimizer):
         return new_vars, new_slots, new_glob
 
     def _program(self, entries: tuple[StepEntry, ...], packs: tuple[PackGroup, ...] = (),
-                 mesh: Mesh | None = None) -> StepProgram:
+                 mesh: Mesh | None = None, pipeline: tuple[str, ...] | None = None) -> StepProgram:
         try:
-            return super()._program(entries, packs, mesh)
+            return super()._program(entries, packs, mesh, pipeline)
         except Exception as err:
             if "callback" not in str(err).lower():
                 raise
@@ -174,20 +174,21 @@ class OptaxOptimizer(Optimizer):
                                 else Layout.replicated(self.mesh, len(leaf.shape)))
             for leaf in (self._map.state_leaves() if self._map is not None else ())}
 
-    def compile(self, specs: Any) -> FunctionalStep:
+    def compile(self, specs: Any, *, scatter_gradients: bool = False) -> FunctionalStep:
         """The functional step for a pytree of `VariableSpec`s or `Variable`s: optax's state for params of that
-        tree (masks and labels see the same tree they would see in optax)."""
+        tree (masks and labels see the same tree they would see in optax); `scatter_gradients` as for every
+        optimizer (`Optimizer.compile`)."""
         from shardopt.optimizers.functional import compile_functional
 
         leaves, treedef = jax.tree_util.tree_flatten_with_path(
             specs, is_leaf=lambda x: isinstance(x, (VariableSpec, Variable)))
         if not leaves or not all(isinstance(leaf, (VariableSpec, Variable)) for _, leaf in leaves):
-            return compile_functional(self, specs)  # raises its error about the leaves
+            return compile_functional(self, specs, scatter_gradients)  # raises its error about the leaves
         names = [leaf.name if isinstance(leaf, Variable) or leaf.name else path_name(path) for path, leaf in leaves]
         avals = [jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype)) for _, leaf in leaves]
         previous, self._compiling = self._compiling, self._state_map(treedef, names, avals)
         try:
-            return compile_functional(self, specs)
+            return compile_functional(self, specs, scatter_gradients)
         finally:
             self._compiling = previous
 

@@ -96,3 +96,21 @@ def config_value(value: ShardStateOver) -> Any:
     if isinstance(value, Mapping):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in value.items()}
     return list(value) if isinstance(value, tuple) else value
+
+
+SCATTER_GRADIENTS = "scatter-gradients=true"
+
+
+def scattered_pipeline(pipeline: tuple[str, ...]) -> tuple[str, ...]:
+    """`pipeline` with `propagate-layouts` told that state-sharded variables' gradients arrive reduce-scattered
+    (in their state's layout), as `compile(specs, scatter_gradients=True)` asks."""
+    out, found = [], False
+    for p in pipeline:
+        if p == "propagate-layouts" or p.startswith("propagate-layouts{"):
+            found = True
+            p = (f"{p[:-1]},{SCATTER_GRADIENTS}}}" if p.endswith("}") and not p.endswith("{}") else
+                 f"propagate-layouts{{{SCATTER_GRADIENTS}}}")
+        out.append(p)
+    if not found:
+        raise ValueError("scatter_gradients=True needs propagate-layouts in the optimizer's pipeline")
+    return tuple(out)

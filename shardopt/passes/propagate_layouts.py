@@ -15,8 +15,11 @@ is computed on the same shard and all-gathered (the pass pins it with an `sdy.sh
 replicated result, so XLA gathers one variable rather than every slot). Gradients keep the variable's layout:
 each device slices its shard locally, so `apply_gradients` takes the replicated gradients it always took; inside
 a user's jit the gradient's all-reduce then feeds only that slice (XLA:GPU/TPU's reduce-scatter pattern; XLA:CPU
-has no such rewrite and keeps all-reduce + dynamic-slice, tests/test_state_sharding.py). Where no dimension
-divides, the state follows the variable (`state_fallback` in the statistics) unless
+has no such rewrite and keeps all-reduce + dynamic-slice, tests/test_state_sharding.py). With the option
+`scatter-gradients` (`compile(..., scatter_gradients=True)`) a state-sharded variable's gradient takes its state's
+layout instead: the caller reduce-scatters per-replica gradients itself (`psum_scatter` in its `shard_map`), and
+the user's jit has a reduce-scatter and no all-reduce, on CPU too (tests/test_scatter_gradients.py). Where no
+dimension divides, the state follows the variable (`state_fallback` in the statistics) unless
 `shardopt.shard_state_required` is set, which makes it an error. Packed slots (members of `shardopt.members`)
 keep their pack's layout (`state_packed`), and an update already lowered to a whole-tensor kernel call is left
 alone (`state_kernel`).
@@ -64,6 +67,9 @@ class PropagateLayouts(ModulePass):
     NAME: ClassVar[str] = "propagate-layouts"
     shard_state_over: str = option("", "mesh axes (comma-separated) every variable's loose slots are sharded over "
                                        "as well, where a dimension divides (weight-update sharding)")
+    scatter_gradients: bool = option(False, "a state-sharded variable's gradient arrives in its state's layout "
+                                            "(reduce-scattered over the state axes by the caller: psum_scatter in "
+                                            "the user's shard_map), not its own")
 
     def run(self, module: ir.Module) -> dict[str, Any]:
         fn = sir.main_func(module)
@@ -109,6 +115,11 @@ class PropagateLayouts(ModulePass):
                 if roles[i] == SLOT and owner in state and _shape(types[i]) == shapes[owner]:
                     want = state[owner]
                     stats["state_sharded_slots"] += 1
+                elif roles[i] == GRADIENT and self.scatter_gradients and owner in state:
+                    if lay is not None and tuple(lay) == tuple(want):
+                        lay = None  # the frontend pins the gradient to its variable's layout: the state's wins
+                    want = state[owner]
+                    stats["scattered_gradients"] = stats.get("scattered_gradients", 0) + 1
                 if lay is not None and tuple(lay) != tuple(want):
                     raise PassError(f"conflicting layouts: {names[i]} is pinned to {_fmt(lay)} but its variable "
                                     f"{owner} has {_fmt(want)}")

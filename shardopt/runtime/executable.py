@@ -20,9 +20,10 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt.compat.jax_private import exported_with_module, serialize_portable
-from shardopt.core.contract import StepContract, TensorSpec
+from shardopt.core.contract import GRADIENT, GRADIENT_INDICES, StepContract, TensorSpec
 from shardopt.core.errors import StepInputError
 from shardopt.core.layout import same_mesh
+from shardopt.runtime.host_gradients import CHECKED, place_consistent, trusts_host_gradients
 
 # The ids of the arrays each compiled step returned from its last call, which it keeps alive (so an id here
 # is never another object's): XLA gave each its own buffers (or a donated input's, in place), so none shares a
@@ -87,6 +88,8 @@ class CompiledStep:
         self._portable: CompiledStep | None = None  # the same step without compiled kernels, when it calls any
         self._portable_factory: Callable[[], CompiledStep] | None = None
         self._mesh_devices = frozenset(self.mesh.devices.flat)
+        # the gradient inputs (values and sparse indices): what host_gradients="consistent" places unchecked
+        self.gradient_args = frozenset(i for i, a in enumerate(contract.args) if a.role in (GRADIENT, GRADIENT_INDICES))
 
     @property
     def portable(self) -> CompiledStep | None:
@@ -121,12 +124,15 @@ class CompiledStep:
         """Deprecated name of `contract`."""
         return self.contract
 
-    def validate(self, args: Sequence[Any]) -> list[jax.Array]:
+    def validate(self, args: Sequence[Any], host_gradients: str = CHECKED) -> list[jax.Array]:
         """Checks every input against the convention; moves non-donated inputs to their sharding.
 
         Runs on every step, so the common case (a jax array of the right shape and dtype, already placed as last
         time) costs a few attribute reads per argument; anything else takes the full check.
+        `host_gradients="consistent"`: host gradients are the same in every process (the caller's promise) and
+        are placed without jax's per-array cross-process check (runtime/host_gradients.py).
         """
+        trusted = self.gradient_args if trusts_host_gradients(host_gradients) else frozenset()
         specs = self.contract.args
         if len(args) != len(specs):
             raise StepInputError(f"the step takes {len(specs)} arrays, got {len(args)}")
@@ -148,7 +154,7 @@ class CompiledStep:
                     if (id(a) not in outputs) if donated[i] else risky[i]:
                         suspects.append(i)
                     continue
-            out[i] = self._check(i, a)
+            out[i] = self._check(i, a, i in trusted)
             if out[i] is a:  # the caller's own jax.Array, passed on as it is
                 suspects.append(i)
         uses = Counter(map(id, out))  # a donated array passed twice would be read after XLA reused its buffer
@@ -182,13 +188,14 @@ class CompiledStep:
                         f"{specs[second].name} shares a device buffer with the donated input {specs[first].name} "
                         f"(an array built over its shards?); XLA would overwrite it while reading it: pass a copy")
 
-    def _check(self, i: int, a: Any) -> Any:
+    def _check(self, i: int, a: Any, trusted: bool = False) -> Any:
         """The full check of argument `i`: the array to pass, or a StepInputError that names it.
 
         Placed as `jax.jit` would place them: host arrays (numpy, Python scalars) and single-device jax arrays
         on one of the mesh's devices (or uncommitted ones, e.g. `jnp.zeros` on the default device). Their copy is
         what is donated, so the caller's own value is never lost. Refused: a wrong shape or dtype, and a jax
-        array on another mesh or sharded otherwise, which may be the only copy of its value.
+        array on another mesh or sharded otherwise, which may be the only copy of its value. `trusted`: a host
+        array (or an uncommitted one) the caller promises is the same in every process, placed unchecked.
         """
         spec, want, dtype = self.contract.args[i], self.in_shardings[i], self._dtypes[i]
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):  # a Python scalar, a list, an object
@@ -202,6 +209,8 @@ class CompiledStep:
         if a.dtype != dtype:
             raise StepInputError(f"{spec.name}: expected dtype {spec.dtype}, got {np.dtype(a.dtype)}")
         if not isinstance(a, jax.Array):
+            if trusted and not want.is_fully_addressable:
+                return place_consistent(a, want, dtype)
             return jax.device_put(a, want)  # a host array: the device copy is new, donating it loses nothing
         if a.is_deleted():
             raise StepInputError(f"{spec.name}: the array was deleted (donated to an earlier call)")
@@ -213,7 +222,10 @@ class CompiledStep:
             return a
         if isinstance(sharding, SingleDeviceSharding):
             (device,) = sharding.device_set
-            if not getattr(a, "_committed", True) or device in self._mesh_devices:
+            uncommitted = not getattr(a, "_committed", True)
+            if trusted and uncommitted and not want.is_fully_addressable:  # this process's own copy of the value
+                return place_consistent(a, want, dtype)
+            if uncommitted or device in self._mesh_devices:
                 # a donated one is copied first: device_put reuses the buffer of the device it is on (even with
                 # may_alias=False), and donating that would delete the caller's array or overwrite a buffer
                 # another argument (the same array passed twice) reads
@@ -224,8 +236,8 @@ class CompiledStep:
             raise StepInputError(f"{spec.name}: expected sharding {want.spec} on the step's mesh, got {sharding}")
         return jax.device_put(a, want)
 
-    def __call__(self, args: Sequence[Any]) -> list[jax.Array]:
-        outs = list(self._fn(*self.validate(args)))
+    def __call__(self, args: Sequence[Any], host_gradients: str = CHECKED) -> list[jax.Array]:
+        outs = list(self._fn(*self.validate(args, host_gradients)))
         ids = self._output_ids
         _STEP_OUTPUTS.difference_update(ids)
         ids[:] = map(id, outs)

@@ -265,9 +265,14 @@ class FunctionalStep:
                 state[spec.name] = value  # a schedule's learning rate is only reported, not carried
         return jax.tree_util.tree_unflatten(self.treedef, params), state
 
-    def __call__(self, params: Any, grads: Any, state: State) -> tuple[Any, State]:
-        """One step; `params` and `state` are donated (validated first, so a bad call loses nothing)."""
-        return self.unflatten_results(self.executable(self.flat_args(params, grads, state)))
+    def __call__(self, params: Any, grads: Any, state: State, *, host_gradients: str = "checked"
+                 ) -> tuple[Any, State]:
+        """One step; `params` and `state` are donated (validated first, so a bad call loses nothing).
+
+        `host_gradients="consistent"`: numpy gradients are the same in every process of a multi-process job (the
+        caller's promise, unchecked) and are placed without jax's per-array cross-process equality check; the
+        default "checked" keeps it. One process: no difference (runtime/host_gradients.py)."""
+        return self.unflatten_results(self.executable(self.flat_args(params, grads, state), host_gradients))
 
     # ----- artifacts, inspection, embedding -------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, stages: bool = True) -> int:

@@ -1,5 +1,6 @@
 // RUN: python -m shardopt.opt -p propagate-layouts %s --split-input-file | filecheck %s
 // RUN: python -m shardopt.opt -p 'propagate-layouts{shard-state-over=batch}' %s --split-input-file | filecheck %s --check-prefix=STATE
+// RUN: python -m shardopt.opt -p 'propagate-layouts{shard-state-over=batch,scatter-gradients=true}' %s --split-input-file | filecheck %s --check-prefix=SCATTER
 
 // `propagate-layouts`, each chunk between separator lines on its own (tests/test_filecheck.py runs the RUN
 // lines; tests/test_pass_propagate_layouts.py checks the statistics): every argument and result of @main gets a
@@ -37,6 +38,11 @@
 // STATE:         %[[W:.+]] = sdy.sharding_constraint %{{.+}} <@mesh, [{"model", "batch"}, {}]> : tensor<8x4xf32>
 // STATE:         %[[B:.+]] = sdy.sharding_constraint %arg3 <@mesh, [{"batch"}]> : tensor<6xf32>
 // STATE:         return %[[W]], %{{.+}}, %[[B]],
+// With `scatter-gradients=true` as well (`compile(..., scatter_gradients=True)`): grad/w arrives reduce-scattered,
+// in m/w's layout, not w's.
+// SCATTER-LABEL: module @slots_follow_variables
+// SCATTER:         %arg1: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model", "batch"}, {}]>, shardopt.name = "m/w",
+// SCATTER-SAME:    %arg2: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model", "batch"}, {}]>, shardopt.name = "grad/w",
 module @slots_follow_variables {
   sdy.mesh @mesh = <["batch"=2, "model"=4]>
   func.func public @main(
@@ -74,6 +80,10 @@ module @slots_follow_variables {
 // CHECK:         %[[W:.+]] = sdy.sharding_constraint %{{.+}} <@mesh, [{"batch"}, {}]> : tensor<8x6xf32>
 // CHECK-NOT:     sdy.sharding_constraint
 // CHECK:         return %[[W]],
+// The frontend pins a gradient to its variable's layout; the state's layout replaces it, and a variable whose
+// state is not sharded (b) would keep its own.
+// SCATTER-LABEL: module @state_sharded_per_variable
+// SCATTER:         %arg2: tensor<8x6xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"batch"}, {}]>, shardopt.name = "grad/w",
 module @state_sharded_per_variable {
   sdy.mesh @mesh = <["batch"=2, "model"=4]>
   func.func public @main(

@@ -1,7 +1,7 @@
 """One process of a multi-process run (started by tests/multiprocess_lib.launch, which sets the SHARDOPT_MP_*
 environment): joins the job through `jax.distributed.initialize`, runs the named scenarios of
-tests/mp_workers/scenarios.py on the global 2x4 mesh, and saves each result as <out>/<scenario>.p<id>.npz
-(or <scenario>.p<id>.error.txt with the traceback when it raises).
+tests/mp_workers/scenarios.py (and host_gradient_scenarios.py, scattered_jit.py) on the global 2x4 mesh, and
+saves each result as <out>/<scenario>.p<id>.npz (or <scenario>.p<id>.error.txt with the traceback when it raises).
 
 usage: python tests/mp_workers/worker.py OUT_DIR [LABEL:]SCENARIO[=ARG] ...   (results saved under LABEL,
 default the scenario's name, so one scenario can run twice with different arguments)
@@ -17,7 +17,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_gradient_scenarios  # noqa: E402
+import scattered_jit  # noqa: E402
 import scenarios  # noqa: E402
+
+SCENARIOS = {**scenarios.SCENARIOS, **host_gradient_scenarios.SCENARIOS, **scattered_jit.SCENARIOS}
 
 
 def main() -> int:
@@ -36,7 +40,7 @@ def main() -> int:
         name = label or scenario
         t0 = time.perf_counter()
         try:
-            result = scenarios.SCENARIOS[scenario](mesh, *([arg] if arg else []))
+            result = SCENARIOS[scenario](mesh, *([arg] if arg else []))
         except Exception:
             (out_dir / f"{name}.p{pid}.error.txt").write_text(traceback.format_exc())
             print(f"[{pid}] {name}: FAILED", flush=True)
