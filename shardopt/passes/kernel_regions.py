@@ -166,3 +166,13 @@ def call_shardings(call: KernelCall, owner_of: dict[str, ir.Value], trailing: Se
         return out
     why = pack_problem(out[call.operands.index("m")], out[len(call.operands):len(call.operands) + call.variables])
     return why if why is not None else out
+
+
+def unmarked_state_sharded(main: ir.Operation, block: ir.Block, marked: Sequence[ir.Value]) -> dict[str, int]:
+    """`state_sharded_unmarked`: variables asking for `shardopt.shard_state_over` that no kernel composite reads
+    (the frontend leaves an update whose slots are sharded beyond the variable to XLA); empty if none asks."""
+    asked = [i for i, a in enumerate(sir.arg_attrs(main)) if "shardopt.shard_state_over" in a]
+    if not asked:
+        return {}
+    read = {ir.BlockArgument(v).arg_number for v in marked if isinstance(v.owner, ir.Block) and v.owner == block}
+    return {"state_sharded_unmarked": sum(i not in read for i in asked)}

@@ -8,14 +8,14 @@ pass in place (its results alias p, m, v and vhat), 64M float32 elements in ~52 
 
 What the frontend marks (frontend/step.py `_kernel_composite`): variables kept in buffers of their own, with a
 dense gradient, under a definition whose `kernel_spec()` is not None; operands (var, grad, lr, t, *slots),
-attributes the betas, epsilon, amsgrad, weight decay and the slot names. Members of packs are never marked
-(fuse-moments fuses them). A composite is lowered when
+attributes the betas, epsilon, amsgrad, weight decay and the slot names (a pack: one composite,
+frontend/pack_kernel.py). A composite is lowered when
 
 - the library is loaded and has the kernel for the variable's dtype on `platform` (`shardopt.kernels.reason`);
 - the variable and its slots are `@main` arguments (donated by the step contract), so they update in place;
 - on a multi-device mesh, the state's shardings are closed and divide evenly: the call then runs per device on
-  its local shards inside an `sdy.manual_computation` over every axis (passes/kernel_regions.py), so nothing is
-  gathered. Variables whose state is sharded beyond their layout (`shard_state_over`) are not marked.
+  its shards in an `sdy.manual_computation` over every axis (passes/kernel_regions.py), so nothing is gathered.
+  Variables whose state is sharded beyond their layout (`shard_state_over`) are not marked.
 
 The kernel's scalars are computed here as Adam does (optimizers/adam.py `_alpha_eps`): alpha = lr * sqrt(1 -
 b2^t) / (1 - b1^t) with float32(beta) constants, eps = float32(epsilon). A global-norm clip scale
@@ -113,9 +113,9 @@ def _unconverted(g: ir.Value) -> ir.Value:
     return g
 
 
-def _state_problem(state: list[ir.Value], block: ir.Block) -> str | None:
+def _state_problem(state: list[ir.Value], main: Any, block: ir.Block, axes: dict[str, int]) -> str | None:
     """Why these state values cannot be updated in place by a kernel, or None: each must be a `@main` argument
-    (donated by the step contract)."""
+    (donated by the step contract). (Shardings: `kernel_regions.call_shardings`.)"""
     if any(_block_arg_index(x, block) is None for x in state):
         return "state is not a @main argument"
     return None
@@ -185,12 +185,14 @@ class LowerToKernels(ModulePass):
         # @main only: after inline-calls the traced per-shape functions are dead copies that cleanup removes.
         composites = [op for op in sir.walk_ops(main.operation) if op.name == "stablehlo.composite"
                       and ir.StringAttr(op.attributes["name"]).value.startswith(PREFIX)]
+        operands = [v for op in composites for v in op.operands]
         for op in composites:
             stats["composites"] += 1
             why = self._lower(op, main, block, axes, stats)
             if why is not None:
                 stats["left"][why] = stats["left"].get(why, 0) + 1
                 inline_composite(op, funcs)
+        stats.update(regions.unmarked_state_sharded(main, block, operands))
         if stats["lowered"] and not self.assume_available:
             stats["library"] = kernels.info()["isa"]
         return stats
@@ -225,7 +227,7 @@ class LowerToKernels(ModulePass):
         expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
         if names != expected or len(slots) != len(names):
             return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
-        why = _state_problem([var, *slots], block)
+        why = _state_problem([var, *slots], main, block, axes)
         if why is not None:
             return why
         if any(x.type != var.type for x in slots) or ir.RankedTensorType(grad.type).shape != \
@@ -272,7 +274,7 @@ class LowerToKernels(ModulePass):
         expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
         if names != expected or len(grads) != k:
             return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
-        why = _state_problem([*slots, *ps], block)
+        why = _state_problem([*slots, *ps], main, block, axes)
         if why is not None:
             return why
         if any(_element_type(p) != _element_type(slots[0]) for p in ps):
