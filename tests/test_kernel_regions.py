@@ -15,7 +15,7 @@ from fusion_testlib import COLLECTIVE, filecheck
 import shardopt
 from shardopt import Layout
 from shardopt import kernels as sk
-from shardopt.passes.pipeline import DEFAULT_PIPELINE
+from shardopt.passes.pipeline import DEFAULT_PIPELINE, run_pipeline
 
 PASS = "lower-to-kernels"
 OFF = tuple("lower-to-kernels{enabled=false}" if p == PASS else p for p in DEFAULT_PIPELINE)
@@ -130,3 +130,30 @@ def test_filecheck_manual_region():
     rc, err, stats = filecheck(PASS, "lower-to-kernels{assume-available=true}")
     assert rc == 0, err
     assert [s["per_device"] for s in stats] == [0, 0, 1, 1, 0], stats
+
+
+@needs_kernels
+def test_state_sharded_over_more_axes_stays_stablehlo_and_is_counted(mesh):
+    """`shard_state_over`: slots sharded beyond their variable are not a per-device kernel update (the kernel
+    would need the variable's shard of the slots); the frontend leaves those updates to XLA and the pass counts
+    them. Bitwise as the StableHLO path throughout."""
+    on, program = run(mesh, {"shard_state_over": "batch"}, DEFAULT_PIPELINE, pack_max_elements=0)
+    off, _ = run(mesh, {"shard_state_over": "batch"}, OFF, pack_max_elements=0)
+    stats = program.pipeline.stage(PASS).stats
+    sharded = program.pipeline.stage("propagate-layouts").stats["state_sharded"]
+    assert sharded > 0 and stats["state_sharded_unmarked"] == sharded, (stats, sharded)
+    assert stats["lowered"] == stats["per_device"] == len(VARIABLES) - sharded, stats
+    for x, y in zip(on, off, strict=True):
+        np.testing.assert_array_equal(bits(x), bits(y))
+
+
+@needs_kernels
+def test_propagate_layouts_leaves_a_per_device_kernel_update_alone(mesh):
+    """propagate-layouts{shard-state-over=batch} after lowering: the slots a manual region updates keep the
+    variable's layout (`state_kernel`), as for a whole-tensor call."""
+    _, program = run(mesh, {}, DEFAULT_PIPELINE, steps=1, pack_max_elements=0)
+    result = run_pipeline(program.lowered.module_text,
+                          ("inline-calls", PASS, "propagate-layouts{shard-state-over=batch}"))
+    assert result.stage(PASS).stats["per_device"] == len(VARIABLES)
+    stats = result.stage("propagate-layouts").stats  # (the others: not divisible, or already over "batch")
+    assert stats["state_kernel"] >= 5 and stats["state_sharded"] == 0, stats
