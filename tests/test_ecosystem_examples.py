@@ -88,3 +88,29 @@ def test_each_guide_names_its_example_and_the_example_runs_here(guide):
         compile(block, guide, "exec")
     readme = (EXAMPLES.parent / "README.md").read_text()
     assert f"docs/{guide}" in readme
+
+
+@pytest.mark.slow
+def test_jax_training_loop_example():
+    out = run_example("jax_training_loop.py", "--steps", "20")
+    assert "[as_jax_function] 2x4 mesh" in out and "[as_optax]" in out and "[optax.adam]" in out
+    difference = float(re.search(r"max relative loss difference ([0-9.e+-]+)", out).group(1))
+    assert difference <= 1e-4, out
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_tf_training_loop_example(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = run_example("tf_training_loop.py", "--steps", "20", "--artifact", str(tmp_path / "adam.shardopt"))
+    assert "shardopt: loss" in out and "after save/load: iterations" in out, out
+    difference = float(re.search(r"max \|loss diff\| ([0-9.e+-]+)", out).group(1))
+    assert difference <= 1e-4, out
+
+
+@pytest.mark.slow
+def test_artifact_roundtrip_example(tmp_path):
+    out = run_example("artifact_roundtrip.py", "--layers", "1", "--out", str(tmp_path / "gpt2.shardopt"),
+                      "--html", str(tmp_path / "report.html"))
+    assert "bitwise identical: True" in out and "$ shardopt inspect" in out, out
+    assert (tmp_path / "report.html").stat().st_size > 0

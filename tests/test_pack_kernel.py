@@ -83,6 +83,26 @@ def test_compiled_hlo_is_one_custom_call_without_the_gather():
     assert not re.search(r"= f32\[333\]\S* (concatenate|fusion|copy)\(", entry), entry
 
 
+def test_many_variables_are_several_calls_of_at_most_pack_max_members():
+    """XLA:CPU's compile time grows faster than linearly with one call's operands (core/packing.py
+    PACK_MAX_MEMBERS): 300 variables become 3 packs, 3 kernel calls of 100 variables each."""
+    from shardopt.core.packing import PACK_MAX_MEMBERS
+
+    count = 300
+    assert count > 2 * PACK_MAX_MEMBERS
+    vs = [shardopt.Variable(np.full((4,), 0.5, np.float32), name=f"v{i}") for i in range(count)]
+    opt = shardopt.Adam(1e-2)
+    opt.apply_gradients([(np.ones((4,), np.float32), v) for v in vs])
+    program = next(iter(opt._programs.values()))
+    stats = program.pipeline.stage(PASS).stats
+    assert stats["packs_lowered"] == 3 and stats["pack_members"] == count, stats
+    assert stats["gradient_buffers_freed"] == 3
+    calls = re.findall(r"stablehlo.custom_call @shardopt_adam_pack_update\((.*?)\)", program.pipeline.final_text)
+    assert len(calls) == 3 and all(c.count("%") <= 2 * PACK_MAX_MEMBERS + 4 for c in calls)
+    reference = 0.5 - 1e-2 * np.ones(4, np.float32)  # Adam's first step moves each weight by about lr
+    np.testing.assert_allclose(np.asarray(vs[-1].value), reference, rtol=1e-4)
+
+
 def test_not_lowered_when_a_member_has_no_gradient_or_a_sparse_one():
     rng = np.random.default_rng(0)
     vs = [shardopt.Variable(rng.standard_normal(s).astype(np.float32), name=f"v{i}") for i, s in enumerate(SHAPES)]

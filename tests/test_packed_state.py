@@ -10,7 +10,7 @@ from fusion_testlib import adam
 
 import shardopt
 from shardopt import UNSHARDED, IndexedSlices, Layout
-from shardopt.core.packing import PACK_MAX_ELEMENTS, plan_packs
+from shardopt.core.packing import PACK_MAX_ELEMENTS, PACK_MAX_MEMBERS, plan_packs
 
 AXES = {"batch": 2, "model": 4}
 
@@ -31,6 +31,18 @@ def test_plan_packs_groups_by_dtype_and_layout():
     assert flat.shape == (14,) and flat.layout == (None,) and [m.offset for m in flat.members] == [0, 8]
     assert rows.shape == (4, 12) and rows.layout == ("model", None) and [m.offset for m in rows.members] == [0, 8]
     assert half.dtype == "bfloat16" and half.shape == (8,)
+
+
+def test_plan_packs_splits_a_bucket_of_many_variables_into_near_equal_packs():
+    flat = [(f"f{i}", (4,), "float32", (None,)) for i in range(300)]
+    rows = [(f"r{i}", (8,), "float32", ("model",)) for i in range(129)]
+    packs = plan_packs(flat + rows, AXES, max_members=128)
+    assert [len(p.members) for p in packs] == [100, 100, 100, 65, 64]
+    assert [m.name for p in packs[:3] for m in p.members] == [n for n, *_ in flat]  # order kept, none lost
+    assert [m.offset for m in packs[1].members[:2]] == [0, 4]  # each pack is a buffer of its own
+    assert len({p.name for p in packs}) == len(packs)
+    assert max(len(p.members) for p in plan_packs(flat, AXES)) <= PACK_MAX_MEMBERS
+    assert [len(p.members) for p in plan_packs(flat[:129], AXES, max_members=128)] == [65, 64]  # never one alone
 
 
 def test_pack_and_unpack_are_inverse():

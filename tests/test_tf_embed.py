@@ -154,3 +154,26 @@ def test_wrong_variables_are_rejected(env):
         stf.step_function(env["step"], [tf.Variable(env["init"][0].T), tf.Variable(env["init"][1])])
     with pytest.raises(TypeError, match="tf.Variable"):
         stf.step_function(env["step"], [tf.constant(x) for x in env["init"]])
+
+
+def test_slots_line_up_with_the_variables_when_some_have_none(env):
+    """Adafactor keeps `r`/`c` only for matrices: `state()["slots"]` has None for the vector, not a shorter list,
+    and the values match tf-keras's Adafactor after a few steps."""
+    import tf_keras
+
+    tf = env["tf"]
+    init, grads = env["init"], env["grads"][:3]
+    variables = [tf.Variable(x) for x in init]
+    step = shardopt.Adafactor(1e-2).compile(env["stf"].variable_specs(variables))
+    module = env["stf"].step_function(step, variables)
+    ref_vars = [tf.Variable(x) for x in init]
+    ref = tf_keras.optimizers.Adafactor(learning_rate=1e-2)
+    for g in grads:
+        module([tf.constant(x) for x in g])
+        ref.apply_gradients(zip([tf.constant(x) for x in g], ref_vars, strict=True))
+    slots = module.state()["slots"]
+    assert [x is None for x in slots["r"]] == [False, True] and [x is None for x in slots["c"]] == [False, True]
+    np.testing.assert_allclose(slots["r"][0], ref._r[0].numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(slots["v"][1], ref._v[1].numpy(), rtol=1e-5, atol=1e-8)
+    for got, want in zip(variables, ref_vars, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)

@@ -112,7 +112,7 @@ def region_shardings(owners: Sequence[ir.Value | None], main: ir.Operation, bloc
     """The in-shardings of a kernel call's operands, each that of its owner (the `@main` argument whose layout
     it has: the state operand itself, or the variable a gradient belongs to; None: a replicated scalar), or why
     the call cannot run per device."""
-    attrs = sir.arg_attrs(main)  # once: reading one argument's attributes decodes them all
+    all_attrs = main.arg_attrs  # one argument's dictionary at a time: decoding them all per call is quadratic
     out: list[ir.Attribute | None] = []
     for owner in owners:
         if owner is None:
@@ -120,7 +120,8 @@ def region_shardings(owners: Sequence[ir.Value | None], main: ir.Operation, bloc
             continue
         if not (isinstance(owner.owner, ir.Block) and owner.owner == block):
             return "state is not a @main argument"
-        sharding = attrs[ir.BlockArgument(owner).arg_number].get("sdy.sharding")
+        attrs = ir.DictAttr(all_attrs[ir.BlockArgument(owner).arg_number])
+        sharding = attrs["sdy.sharding"] if "sdy.sharding" in attrs else None
         why = sharding_problem(sharding, owner.type, axes)
         if why is not None:
             return why

@@ -130,19 +130,24 @@ def _common_scale(grads: list[ir.Value]) -> tuple[list[ir.Value], ir.Value | Non
     return grads, None
 
 
-def _pass_gradient_buffer_through(main: Any, block: ir.Block, pack: str) -> bool:
-    """The pack's donated gradient scratch buffer returned as it came in: with the kernel reading the gradients
-    in place, nothing needs the gathered gradient any more (`cleanup` removes the concatenation)."""
-    def is_buffer(attrs: dict[str, ir.Attribute]) -> bool:
-        return sir.string_attr(attrs.get("shardopt.role")) == "gradient_buffer" and \
-            sir.string_attr(attrs.get("shardopt.pack")) == pack
-    args = [i for i, attrs in enumerate(sir.arg_attrs(main)) if is_buffer(attrs)]
-    results = [i for i, attrs in enumerate(sir.result_attrs(main)) if is_buffer(attrs)]
-    if len(args) != 1 or len(results) != 1:
-        return False
+def _pass_gradient_buffers_through(main: Any, block: ir.Block, packs: set[str]) -> int:
+    """Each of `packs`' donated gradient scratch buffers returned as it came in: with the kernel reading the
+    gradients in place, nothing needs the gathered gradient any more (`cleanup` removes the concatenation).
+    Returns how many were. One walk over the attributes for all packs (per pack it was quadratic)."""
+    def buffers(all_attrs: list[dict[str, ir.Attribute]]) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for i, attrs in enumerate(all_attrs):
+            if sir.string_attr(attrs.get("shardopt.role")) == "gradient_buffer":
+                found.setdefault(sir.string_attr(attrs.get("shardopt.pack")), []).append(i)
+        return found
+    args, results = buffers(sir.arg_attrs(main)), buffers(sir.result_attrs(main))
     ret = block.operations[len(block.operations) - 1]
-    ret.operands[results[0]] = block.arguments[args[0]]
-    return True
+    freed = 0
+    for pack in packs:
+        if len(args.get(pack, ())) == 1 and len(results.get(pack, ())) == 1:
+            ret.operands[results[pack][0]] = block.arguments[args[pack][0]]
+            freed += 1
+    return freed
 
 
 def _f32_scalar(x: float) -> ir.Value:
@@ -192,6 +197,9 @@ class LowerToKernels(ModulePass):
             if why is not None:
                 stats["left"][why] = stats["left"].get(why, 0) + 1
                 inline_composite(op, funcs)
+        lowered_packs = stats.pop("lowered_packs", set())
+        if lowered_packs:
+            stats["gradient_buffers_freed"] = _pass_gradient_buffers_through(main, block, lowered_packs)
         stats.update(regions.unmarked_state_sharded(main, block, operands))
         if stats["lowered"] and not self.assume_available:
             stats["library"] = kernels.info()["isa"]
@@ -306,6 +314,5 @@ class LowerToKernels(ModulePass):
         stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
         stats["scales_folded"] += scale is not None
         stats["bf16_gradients"] += _element_type(g[0]) == "bf16" if g else 0
-        stats["gradient_buffers_freed"] = stats.get("gradient_buffers_freed", 0) + \
-            _pass_gradient_buffer_through(main, block, str(a["pack"]))
+        stats.setdefault("lowered_packs", set()).add(str(a["pack"]))  # their gradient buffers: in run(), all at once
         return None

@@ -149,11 +149,14 @@ class StepModule(tf.Module):
         """The optimizer state as numpy, keyed by the step contract's names (packed buffers as they are)."""
         return {k: v.numpy() for k, v in self.buffers.items()}
 
-    def slots(self) -> dict[str, list[np.ndarray]]:
-        """Each slot per variable (cut out of the packed buffers), in the step's variable order."""
+    def slots(self) -> dict[str, list[np.ndarray | None]]:
+        """Each slot per variable (cut out of the packed buffers), in the step's variable order; None where a
+        variable has no such slot (Adafactor's factored `r`/`c` for a vector), so every list lines up with the
+        variables."""
         state = {k: v.numpy() for k, v in self.buffers.items() if k in self._step.state_names()}
         trees = self._step.slots(state)
-        return {s: [np.asarray(x) for x in jax_leaves(t)] for s, t in trees.items()}
+        return {s: [None if x is None else np.asarray(x) for x in jax_leaves(t, keep_none=True)]
+                for s, t in trees.items()}
 
 
 def jax_values(step: FunctionalStep, variables: list[tf.Variable]) -> Any:
@@ -163,10 +166,10 @@ def jax_values(step: FunctionalStep, variables: list[tf.Variable]) -> Any:
     return jax.tree_util.tree_unflatten(step.treedef, [v.numpy() for v in variables])
 
 
-def jax_leaves(tree: Any) -> list[Any]:
+def jax_leaves(tree: Any, keep_none: bool = False) -> list[Any]:
     import jax
 
-    return jax.tree_util.tree_leaves(tree)
+    return jax.tree_util.tree_leaves(tree, is_leaf=(lambda x: x is None) if keep_none else None)
 
 
 def step_function(artifact: FunctionalStep | str | os.PathLike[str], variables: Any, *,
