@@ -132,8 +132,8 @@ def test_artifact_keeps_packs_reports_them_and_compiles_once(compiled, tmp_path)
     out = io.StringIO()
     report = step.inspect(file=out)
     text = out.getvalue()
-    # one pack fused by fuse-moments (rows, sharded), the flat one lowered whole to the pack kernel
-    assert "groups=1" in text and "packs_lowered=1" in text and "@pack0/float32 6 variables" in text, text
+    # both packs (rows sharded on dim 0, and flat) lowered whole to the pack kernel, the rows per device
+    assert "groups=0" in text and "packs_lowered=2" in text and "@pack0/float32 6 variables" in text, text
     rows = {r["name"]: r for r in report.variables()}
     assert rows["flat0"]["storage"].startswith("@pack") and rows["big"]["storage"] == "own buffers"
     assert rows["rows0"]["slots"]["m"] == ["model", None]

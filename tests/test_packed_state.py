@@ -106,7 +106,9 @@ def test_packed_trajectory_equals_unpacked(mesh, key):
     assert ref._packed.packs == ()
     (program, *_), = opt._fast_programs.values()
     stats = program.pipeline.stage("fuse-moments").stats
-    assert stats["groups"] == 2 and stats["pack_copies_folded"] > 0, stats
+    # where the kernels are built, the row pack (dense gradients) is one per-device pack kernel call instead
+    kernel_packs = program.pipeline.stage("lower-to-kernels").stats.get("packs_lowered", 0)
+    assert stats["groups"] + kernel_packs == 2 and stats["pack_copies_folded"] > 0, stats
     for x, y in zip(packed, unpacked, strict=True):
         if key == "clipnorm":
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

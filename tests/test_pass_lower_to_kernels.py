@@ -45,8 +45,9 @@ def test_filecheck():
     assert rc == 0, err
     assert stats[0]["lowered"] == 1 and stats[0]["kernels"] == {"shardopt_adam_update": 1}, stats
     assert stats[1]["lowered"] == 1 and stats[1]["scales_folded"] == 1 and stats[1]["bf16_gradients"] == 1, stats
-    assert stats[2]["lowered"] == 0 and list(stats[2]["left"]) == [
-        "variable sharded over the mesh (the kernel updates whole tensors)"], stats
+    assert stats[2]["lowered"] == stats[2]["per_device"] == 1, stats  # in a manual computation (kernel_regions)
+    assert stats[3]["packs_lowered"] == stats[3]["per_device"] == 1, stats
+    assert stats[4]["lowered"] == 0 and stats[4]["left"] == {"state not divisible by its mesh axes": 1}, stats
 
 
 def _run_steps(dtype, config, pipeline, steps=3, shape=(96, 70)):
@@ -153,12 +154,12 @@ def _mesh_steps(mesh, pipeline):
     return stats, [np.asarray(x.value) for x in (w, r, opt.get_slot(r, "m"), opt.get_slot(r, "v"))]
 
 
-def test_sharded_variable_left_replicated_lowered(mesh):
-    """On the 2x4 mesh: a variable sharded on "model" stays StableHLO (reason in the statistics); a replicated
-    one is lowered (every device runs the kernel on its full copy), bitwise as without the pass."""
+def test_sharded_and_replicated_lowered_per_device(mesh):
+    """On the 2x4 mesh: a variable sharded on "model" and a replicated one are both lowered, each call run per
+    device on its local shard or full copy (tests/test_kernel_regions.py), bitwise as without the pass."""
     stats, on = _mesh_steps(mesh, DEFAULT_PIPELINE)
-    assert stats["left"] == {"variable sharded over the mesh (the kernel updates whole tensors)": 1}, stats
-    assert stats["lowered"] == (1 if sk.available("adam") else 0), stats
+    lowered = 2 if sk.available("adam") else 0
+    assert stats["lowered"] == stats["per_device"] == lowered and sum(stats["left"].values()) == 2 - lowered, stats
     _, off = _mesh_steps(mesh, OFF)
     for x, y in zip(on, off, strict=True):
         np.testing.assert_array_equal(bits(x), bits(y))

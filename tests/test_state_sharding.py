@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import shardopt
 from shardopt.core.layout import state_layout
+from shardopt.passes.pipeline import DEFAULT_PIPELINE
 from shardopt.runtime.artifact import state_bytes_per_device, variables_table
 from shardopt.runtime.inspect import Report
 
@@ -312,7 +313,12 @@ def _user_jit(step, mesh):
 
 def test_embedded_in_the_users_jit():
     mesh = jax.make_mesh((2, 4), ("batch", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    plain = shardopt.Adam(1e-2, mesh=mesh).compile(_specs())
+    # like with like: the state-sharded w and proj are updated by XLA's loops, so the plain step is too (with the
+    # kernel, proj differs by 1 ulp in ~1% of elements here: in the user's jit XLA fuses the transpose of proj's
+    # gradient into its update loops, which then round a few elements unlike the kernel and the unfused loops)
+    opt = shardopt.Adam(1e-2, mesh=mesh)
+    opt.pipeline = tuple("lower-to-kernels{enabled=false}" if p == "lower-to-kernels" else p for p in DEFAULT_PIPELINE)
+    plain = opt.compile(_specs())
     sharded = shardopt.Adam(1e-2, mesh=mesh, shard_state_over="batch").compile(_specs())
     p0, _, hlo0 = _user_jit(plain, mesh)
     p1, s1, hlo1 = _user_jit(sharded, mesh)

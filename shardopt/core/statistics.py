@@ -26,6 +26,9 @@ WORDS: dict[str, dict[str, str]] = {
         "packs_lowered": "packs updated whole by one multi-tensor kernel call",
         "pack_members": "variables in those packs",
         "gradient_buffers_freed": "gradient gathers the pack kernel made unnecessary",
+        "per_device": "kernel calls run per device on local shards (a manual computation over the mesh)",
+        "state_sharded_unmarked": "variables with state sharded beyond their layout (shard_state_over), left as "
+                                  "XLA code",
     },
     "fixed-order-sums": {
         "reductions": "float sums in the step",

@@ -1,7 +1,8 @@
 """One `stablehlo.composite "shardopt.<kernel>_pack"` per pack whose whole update a compiled kernel can do.
 
 A pack keeps its members' slots in one buffer per slot while the variables stay the user's arrays
-(core/packing.py). When every member of a flat (replicated) pack has a dense gradient this step and the
+(core/packing.py). When every member of a pack (flat, or rows sharded on dim 0: `lower-to-kernels` runs the
+kernel per device on the local rows, passes/kernel_regions.py) has a dense gradient this step and the
 definition has a kernel for it (`kernel_spec()`), the members' updates are wrapped in one composite of
 (lr, t, iterations, packed slots..., variables..., gradients...) -> (packed slots..., variables...).
 `lower-to-kernels` turns it into one multi-tensor custom call (the variables and gradients are separate
@@ -28,12 +29,12 @@ def pack_kernel_spec(rule: Any, pack: PackGroup, entries: dict[str, StepEntry],
                      dense: dict[str, bool]) -> tuple[str, dict[str, Any]] | None:
     """(kind, attributes) when `pack`'s whole update can be one kernel composite this step, else None.
 
-    Needs: a flat pack; every member updated this step with a dense gradient of its own shape (`dense`); float32
+    Needs: every member updated this step with a dense gradient of its own shape (`dense`); float32
     math; slots of the member's shape and no EMA; one weight-decay setting for all members; a definition kind with
     a pack kernel."""
     spec_fn = getattr(rule, "kernel_spec", None)
     spec = spec_fn() if spec_fn is not None else None
-    if spec is None or spec[0] + PACK_SUFFIX not in KERNELS or pack.axes is not None or rule.use_ema:
+    if spec is None or spec[0] + PACK_SUFFIX not in KERNELS or rule.use_ema:
         return None
     members = [entries.get(m.name) for m in pack.members]
     if any(e is None or not dense.get(e.name, False) or e.grad_shape is not None for e in members):

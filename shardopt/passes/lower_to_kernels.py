@@ -8,12 +8,14 @@ pass in place (its results alias p, m, v and vhat), 64M float32 elements in ~52 
 
 What the frontend marks (frontend/step.py `_kernel_composite`): variables kept in buffers of their own, with a
 dense gradient, under a definition whose `kernel_spec()` is not None; operands (var, grad, lr, t, *slots),
-attributes the betas, epsilon, amsgrad, weight decay and the slot names. Members of packs are never marked
-(fuse-moments fuses them). A composite is lowered when
+attributes the betas, epsilon, amsgrad, weight decay and the slot names (a pack: one composite,
+frontend/pack_kernel.py). A composite is lowered when
 
 - the library is loaded and has the kernel for the variable's dtype on `platform` (`shardopt.kernels.reason`);
 - the variable and its slots are `@main` arguments (donated by the step contract), so they update in place;
-- the variable is not sharded over a mesh axis of size > 1 (the kernel runs on whole tensors; XLA would gather).
+- on a multi-device mesh, the state's shardings are closed and divide evenly: the call then runs per device on
+  its shards in an `sdy.manual_computation` over every axis (passes/kernel_regions.py), so nothing is gathered.
+  Variables whose state is sharded beyond their layout (`shard_state_over`) are not marked.
 
 The kernel's scalars are computed here as Adam does (optimizers/adam.py `_alpha_eps`): alpha = lr * sqrt(1 -
 b2^t) / (1 - b1^t) with float32(beta) constants, eps = float32(epsilon). A global-norm clip scale
@@ -37,7 +39,7 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 from shardopt import ir as sir
 from shardopt import kernels
 from shardopt.kernels import PACK_SUFFIX
-from shardopt.kernels.stablehlo import custom_call
+from shardopt.passes import kernel_regions as regions
 from shardopt.passes.base import ModulePass, option
 from shardopt.passes.inline_calls import COMPOSITE_PREFIX, inline_composite
 
@@ -113,15 +115,9 @@ def _unconverted(g: ir.Value) -> ir.Value:
 
 def _state_problem(state: list[ir.Value], main: Any, block: ir.Block, axes: dict[str, int]) -> str | None:
     """Why these state values cannot be updated in place by a kernel, or None: each must be a `@main` argument
-    (donated by the step contract) not sharded over a mesh axis of size > 1."""
-    positions = [_block_arg_index(x, block) for x in state]
-    if any(p is None for p in positions):
+    (donated by the step contract). (Shardings: `kernel_regions.call_shardings`.)"""
+    if any(_block_arg_index(x, block) is None for x in state):
         return "state is not a @main argument"
-    attrs = sir.arg_attrs(main)  # once: reading one argument's attributes decodes them all
-    for p in positions:
-        sharding = attrs[p].get("sdy.sharding")
-        if sharding is not None and any(axes.get(ax, 1) > 1 for dim, _ in sir.sharding_dims(sharding) for ax in dim):
-            return "variable sharded over the mesh (the kernel updates whole tensors)"
     return None
 
 
@@ -190,10 +186,11 @@ class LowerToKernels(ModulePass):
         block = main.regions[0].blocks[0]
         axes = sir.mesh_axes(module)
         stats: dict[str, Any] = {"composites": 0, "lowered": 0, "kernels": {}, "left": {}, "scales_folded": 0,
-                                 "bf16_gradients": 0}
+                                 "bf16_gradients": 0, "per_device": 0}
         # @main only: after inline-calls the traced per-shape functions are dead copies that cleanup removes.
         composites = [op for op in sir.walk_ops(main.operation) if op.name == "stablehlo.composite"
                       and ir.StringAttr(op.attributes["name"]).value.startswith(PREFIX)]
+        operands = [v for op in composites for v in op.operands]
         for op in composites:
             stats["composites"] += 1
             why = self._lower(op, main, block, axes, stats)
@@ -203,6 +200,7 @@ class LowerToKernels(ModulePass):
         lowered_packs = stats.pop("lowered_packs", set())
         if lowered_packs:
             stats["gradient_buffers_freed"] = _pass_gradient_buffers_through(main, block, lowered_packs)
+        stats.update(regions.unmarked_state_sharded(main, block, operands))
         if stats["lowered"] and not self.assume_available:
             stats["library"] = kernels.info()["isa"]
         return stats
@@ -248,16 +246,20 @@ class LowerToKernels(ModulePass):
         call = kernels.adam_call(beta_1=a["beta_1"], beta_2=a["beta_2"], amsgrad=a["amsgrad"],
                                  weight_decay=a["weight_decay"] if a["has_weight_decay"] else None,
                                  clip_scale=scale is not None, scale_contracted=True)
+        shardings = regions.call_shardings(call, dict.fromkeys(("p", *names), var), [var], main, block, axes)
+        if isinstance(shardings, str):
+            return shardings
         with ir.InsertionPoint(op), op.location:
             alpha, eps = _alpha_eps(a, lr, t)
             named = {"p": var, "m": slots[0], "v": slots[1], "alpha": alpha, "eps": eps, "lr": lr, "scale": scale}
             if a["amsgrad"]:
                 named["vhat"] = slots[2]
-            kop = custom_call(call, [named[n] for n in call.operands] + [g])
+            kop = regions.emit(call, [named[n] for n in call.operands] + [g], shardings, axes)
         for old, new in zip(op.results, kop.results, strict=True):
             old.replace_all_uses_with(new)
         op.erase()
         stats["lowered"] += 1
+        stats["per_device"] += shardings is not None
         stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
         stats["scales_folded"] += scale is not None
         stats["bf16_gradients"] += _element_type(g) == "bf16"
@@ -292,16 +294,21 @@ class LowerToKernels(ModulePass):
         call = kernels.adam_pack_call(k, beta_1=a["beta_1"], beta_2=a["beta_2"], amsgrad=a["amsgrad"],
                                       weight_decay=a["weight_decay"] if a["has_weight_decay"] else None,
                                       clip_scale=scale is not None, scale_contracted=self.pack_scale_contracted)
+        shardings = regions.call_shardings(call, dict(zip(names, slots, strict=True)), [*ps, *ps], main, block, axes,
+                                           pack=True)
+        if isinstance(shardings, str):
+            return shardings
         with ir.InsertionPoint(op), op.location:
             alpha, eps = _alpha_eps(a, lr, t)
             named = {"m": slots[0], "v": slots[1], "alpha": alpha, "eps": eps, "lr": lr, "scale": scale}
             if a["amsgrad"]:
                 named["vhat"] = slots[2]
-            kop = custom_call(call, [named[n] for n in call.operands] + list(ps) + list(g))
+            kop = regions.emit(call, [named[n] for n in call.operands] + list(ps) + list(g), shardings, axes)
         for old, new in zip(op.results, kop.results, strict=True):
             old.replace_all_uses_with(new)
         op.erase()
         stats["lowered"] += 1
+        stats["per_device"] += shardings is not None
         stats["packs_lowered"] = stats.get("packs_lowered", 0) + 1
         stats["pack_members"] = stats.get("pack_members", 0) + k
         stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1

@@ -195,8 +195,12 @@ class PropagateLayouts(ModulePass):
         return out
 
 
+# a kernel's custom call from `lower-to-kernels`, or the manual region running it per device (kernel_regions.py)
+KERNEL_CALLS = ("stablehlo.custom_call", "sdy.manual_computation")
+
+
 def _kernel_updates(fn: Any, names: list[str]) -> set[str]:
-    """Variables whose new value is a custom call's result (a whole-tensor kernel from `lower-to-kernels`)."""
+    """Variables whose new value is a kernel call's result (`lower-to-kernels`: its slots are updated by it)."""
     ret = _return_op(fn)
     results = sir.result_attrs(fn)
     found = set()
@@ -204,7 +208,7 @@ def _kernel_updates(fn: Any, names: list[str]) -> set[str]:
         name = sir.string_attr(r.get("shardopt.name"))
         if name in names and sir.string_attr(r.get("shardopt.role")) == VARIABLE:
             owner = ret.operands[j].owner
-            if isinstance(owner, ir.OpView | ir.Operation) and owner.operation.name == "stablehlo.custom_call":
+            if isinstance(owner, ir.OpView | ir.Operation) and owner.operation.name in KERNEL_CALLS:
                 found.add(name)
     return found
 

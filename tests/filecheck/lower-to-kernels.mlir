@@ -143,16 +143,27 @@ module @adam_bf16_clipped {
 
 // -----
 
-// A variable sharded over a mesh axis of size 4 stays StableHLO (the kernel updates whole tensors): the
-// composite is inlined, with or without the library.
+// A variable sharded over a mesh axis of size 4 (its slots unannotated yet: propagate-layouts gives them the
+// variable's layout later): the call runs per device inside a manual computation over every axis (kernel_regions.py).
+// In-shardings are the variable's for the state and gradient, replicated for the scalars computed before the
+// region; the body sees 1x8 local shards and the results alias them; out-shardings are the state's.
 // CHECK-LABEL: module @sharded
-// CHECK-NOT:     stablehlo.custom_call
 // CHECK-NOT:     stablehlo.composite
-// CHECK:         stablehlo.power
-// CHECK:         %[[P:.*]] = stablehlo.subtract %arg0, %{{.*}} : tensor<4x8xf32>
-// CHECK:         return %[[P]]
+// CHECK:         %[[ALPHA:.*]] = stablehlo.divide
+// CHECK-NEXT:    %[[EPS:.*]] = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+// CHECK-NEXT:    %[[R:.*]]:3 = sdy.manual_computation(%arg0, %arg2, %arg3, %[[ALPHA]], %[[EPS]], %arg1)
+// CHECK-SAME:      in_shardings=[<@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>, <@mesh, []>, <@mesh, []>, <@mesh, [{"model"}, {}]>]
+// CHECK-SAME:      out_shardings=[<@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>] manual_axes={"model"}
+// CHECK-SAME:      (%[[LP:.*]]: tensor<1x8xf32>, %[[LM:.*]]: tensor<1x8xf32>, %[[LV:.*]]: tensor<1x8xf32>, %[[LA:.*]]: tensor<f32>, %[[LE:.*]]: tensor<f32>, %[[LG:.*]]: tensor<1x8xf32>)
+// CHECK-NEXT:      %[[K:.*]]:3 = stablehlo.custom_call @shardopt_adam_update(%[[LP]], %[[LM]], %[[LV]], %[[LA]], %[[LE]], %[[LG]])
+// CHECK-SAME:        output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [0], operand_index = 0, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [1], operand_index = 1, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [2], operand_index = 2, operand_tuple_indices = []>]
+// CHECK-SAME:        (tensor<1x8xf32>, tensor<1x8xf32>, tensor<1x8xf32>, tensor<f32>, tensor<f32>, tensor<1x8xf32>) -> (tensor<1x8xf32>, tensor<1x8xf32>, tensor<1x8xf32>)
+// CHECK-NEXT:      sdy.return %[[K]]#0, %[[K]]#1, %[[K]]#2 : tensor<1x8xf32>, tensor<1x8xf32>, tensor<1x8xf32>
+// CHECK-NEXT:    } : (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>, tensor<f32>, tensor<f32>, tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>)
+// CHECK-NEXT:    return %[[R]]#0, %[[R]]#1, %[[R]]#2
 // INLINE-LABEL: module @sharded
 // INLINE-NOT:     stablehlo.composite
+// INLINE-NOT:     sdy.manual_computation
 module @sharded {
   sdy.mesh @mesh = <["model"=4]>
   func.func public @main(%arg0: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg1: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg2: tensor<4x8xf32>, %arg3: tensor<4x8xf32>, %arg4: tensor<f32>, %arg5: tensor<f32>) -> (tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>) {
@@ -190,5 +201,56 @@ module @sharded {
     %21 = stablehlo.divide %17, %20 : tensor<4x8xf32>
     %22 = stablehlo.subtract %arg0, %21 : tensor<4x8xf32>
     return %22, %10, %15 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
+  }
+}
+
+// -----
+
+// A pack of rows sharded on dim 0 (core/packing.py: slots [S, N/S], row k = device k's blocks of the members in
+// order) on a 2x2 mesh: one pack call per device, on local rows (1x7 = the 2x3 and 1-element local shards of the
+// members), replicated over "batch". (The decomposition here only passes its operands through: this chunk checks
+// the region, not the math.)
+// CHECK-LABEL: module @row_pack
+// CHECK:         %[[R:.*]]:4 = sdy.manual_computation(%arg2, %arg3, %{{.*}}, %{{.*}}, %arg0, %arg1, %arg4, %arg5)
+// CHECK-SAME:      in_shardings=[<@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>, <@mesh, []>, <@mesh, []>, <@mesh, [{"model"}, {}]>, <@mesh, [{"model"}]>, <@mesh, [{"model"}, {}]>, <@mesh, [{"model"}]>]
+// CHECK-SAME:      out_shardings=[<@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>, <@mesh, [{"model"}, {}]>, <@mesh, [{"model"}]>] manual_axes={"batch", "model"}
+// CHECK-SAME:      tensor<1x7xf32>, %{{.*}}: tensor<1x7xf32>, %{{.*}}: tensor<f32>, %{{.*}}: tensor<f32>, %{{.*}}: tensor<2x3xf32>, %{{.*}}: tensor<1xf32>, %{{.*}}: tensor<2x3xf32>, %{{.*}}: tensor<1xf32>)
+// CHECK-NEXT:      stablehlo.custom_call @shardopt_adam_pack_update
+// CHECK-SAME:        -> (tensor<1x7xf32>, tensor<1x7xf32>, tensor<2x3xf32>, tensor<1xf32>)
+// CHECK:         return %[[R]]#2, %[[R]]#3, %[[R]]#0, %[[R]]#1
+// INLINE-LABEL: module @row_pack
+// INLINE-NOT:     sdy.manual_computation
+// INLINE:         return %arg0, %arg1, %arg2, %arg3
+module @row_pack {
+  sdy.mesh @mesh = <["batch"=2, "model"=2]>
+  func.func public @main(%arg0: tensor<4x3xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.role = "variable"}, %arg1: tensor<2xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}]>, shardopt.role = "variable"}, %arg2: tensor<2x7xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.role = "slot"}, %arg3: tensor<2x7xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>, shardopt.role = "slot"}, %arg4: tensor<4x3xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg5: tensor<2xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}]>}, %arg6: tensor<i32>, %arg7: tensor<f32>) -> (tensor<4x3xf32> {shardopt.role = "variable"}, tensor<2xf32> {shardopt.role = "variable"}, tensor<2x7xf32> {shardopt.role = "slot"}, tensor<2x7xf32> {shardopt.role = "slot"}) {
+    %c = stablehlo.constant dense<1> : tensor<i32>
+    %0 = stablehlo.add %arg6, %c : tensor<i32>
+    %1 = stablehlo.convert %0 : (tensor<i32>) -> tensor<f32>
+    %2:4 = stablehlo.composite "shardopt.adam_pack" %arg7, %1, %arg6, %arg2, %arg3, %arg0, %arg1, %arg4, %arg5 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, members = 2 : i64, pack = "@pack0/float32", slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam_pack} : (tensor<f32>, tensor<f32>, tensor<i32>, tensor<2x7xf32>, tensor<2x7xf32>, tensor<4x3xf32>, tensor<2xf32>, tensor<4x3xf32>, tensor<2xf32>) -> (tensor<2x7xf32>, tensor<2x7xf32>, tensor<4x3xf32>, tensor<2xf32>)
+    return %2#2, %2#3, %2#0, %2#1 : tensor<4x3xf32>, tensor<2xf32>, tensor<2x7xf32>, tensor<2x7xf32>
+  }
+  func.func private @shardopt.adam_pack(%arg0: tensor<f32>, %arg1: tensor<f32>, %arg2: tensor<i32>, %arg3: tensor<2x7xf32>, %arg4: tensor<2x7xf32>, %arg5: tensor<4x3xf32>, %arg6: tensor<2xf32>, %arg7: tensor<4x3xf32>, %arg8: tensor<2xf32>) -> (tensor<2x7xf32>, tensor<2x7xf32>, tensor<4x3xf32>, tensor<2xf32>) {
+    return %arg3, %arg4, %arg5, %arg6 : tensor<2x7xf32>, tensor<2x7xf32>, tensor<4x3xf32>, tensor<2xf32>
+  }
+}
+
+// -----
+
+// What cannot run per device stays StableHLO, the reason in the statistics: 6 rows do not split over 4 devices.
+// CHECK-LABEL: module @not_divisible
+// CHECK-NOT:     sdy.manual_computation
+// CHECK-NOT:     stablehlo.custom_call
+// CHECK:         return %arg1, %arg2, %arg0
+// INLINE-LABEL: module @not_divisible
+// INLINE:         return %arg1, %arg2, %arg0
+module @not_divisible {
+  sdy.mesh @mesh = <["model"=4]>
+  func.func public @main(%arg0: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg1: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg2: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg3: tensor<6x8xf32>, %arg4: tensor<f32>, %arg5: tensor<f32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
+    %0:3 = stablehlo.composite "shardopt.adam" %arg0, %arg3, %arg5, %arg4, %arg1, %arg2 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam} : (tensor<6x8xf32>, tensor<6x8xf32>, tensor<f32>, tensor<f32>, tensor<6x8xf32>, tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>)
+    return %0#0, %0#1, %0#2 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
+  }
+  func.func private @shardopt.adam(%arg0: tensor<6x8xf32>, %arg1: tensor<6x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<6x8xf32>, %arg5: tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
+    return %arg4, %arg5, %arg0 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
   }
 }
