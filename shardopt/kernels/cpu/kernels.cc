@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -38,7 +39,7 @@ namespace ffi = xla::ffi;
 
 namespace shardopt_kernels {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 struct Bf16 {
   uint16_t bits;
@@ -273,45 +274,95 @@ static void WithTypes(ffi::DataType state, ffi::DataType grad, F&& f) {
 
 template <bool B>
 using Bool = std::integral_constant<bool, B>;
+template <int I>
+using Int = std::integral_constant<int, I>;
 
 template <typename F>
-static void WithFlags3(bool a, bool b, bool c, F&& f) {
-  auto c3 = [&](auto x, auto y) { c ? f(x, y, Bool<true>{}) : f(x, y, Bool<false>{}); };
-  auto c2 = [&](auto x) { b ? c3(x, Bool<true>{}) : c3(x, Bool<false>{}); };
+static void WithFlags2(bool a, bool b, F&& f) {
+  auto c2 = [&](auto x) { b ? f(x, Bool<true>{}) : f(x, Bool<false>{}); };
   a ? c2(Bool<true>{}) : c2(Bool<false>{});
 }
 
-// Runs the Adam loops over the whole group: `p` is one buffer (p.size() == 1, indexed by the state position) or
-// one buffer per gradient segment (a pack whose variables stay in buffers of their own, indexed within the
-// segment); m, v and vhat are packed.
-static void AdamRunAll(ffi::ThreadPool& pool, ffi::DataType st, ffi::DataType gt, bool amsgrad,
-                       bool has_weight_decay, bool has_scale, bool scale_contracted, const AdamScalars& k,
-                       int64_t n, const Segments& seg, const std::vector<void*>& p, void* mp, void* vp,
-                       void* vhp) {
+// Calls f(Int<mode>{}) for a clip-scale mode 0 (none), 1 or 2 (the loops' kScale).
+template <typename F>
+static void WithScaleMode(int mode, F&& f) {
+  if (mode == 2) f(Int<2>{}); else if (mode == 1) f(Int<1>{}); else f(Int<0>{});
+}
+
+static int ScaleMode(bool has_scale, bool float32_form) { return has_scale ? (float32_form ? 2 : 1) : 0; }
+
+// Runs run(P, at, count, g, gat) over [0, n) on the pool, piece by piece: `at` indexes the packed state, `g` +
+// `gat` the piece's gradient, and P the variable: one buffer (p.size() == 1, indexed by the state position) or
+// one buffer per gradient segment (a pack whose variables stay in buffers of their own, indexed within it).
+template <typename S, typename F>
+static void RunPieces(ffi::ThreadPool& pool, int64_t n, const Segments& seg, const std::vector<void*>& p, F&& run) {
   const bool segmented = p.size() > 1;
+  ParallelChunks(pool, n, [&](int64_t a, int64_t b) {
+    ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t j) {
+      S* P = segmented ? static_cast<S*>(p[j]) + gat : static_cast<S*>(p[0]) + at;
+      run(P, at, count, g, gat);
+    });
+  });
+}
+
+// Runs the Adam loops over the whole group (`p` as for RunPieces; m, v and vhat packed).
+static void AdamRunAll(ffi::ThreadPool& pool, ffi::DataType st, ffi::DataType gt, bool amsgrad,
+                       bool has_weight_decay, int scale_mode, const AdamScalars& k, int64_t n, const Segments& seg,
+                       const std::vector<void*>& p, void* mp, void* vp, void* vhp) {
   const int isa = g_isa.load(std::memory_order_relaxed);
   WithTypes(st, gt, [&](auto s_tag, auto g_tag) {
     using S = decltype(s_tag);
     using G = decltype(g_tag);
-    const int scale_mode = has_scale ? (scale_contracted ? 2 : 1) : 0;
-    WithFlags3(amsgrad, has_weight_decay, scale_mode == 2, [&](auto ams, auto wd, auto contracted) {
-     auto dispatch = [&](auto sc) {
-      constexpr int kSc = decltype(sc)::value ? (decltype(contracted)::value ? 2 : 1) : 0;
-      auto run = isa == kAvx2Fma ? &avx2_fma::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>
-                                 : &baseline::AdamRun<S, G, decltype(ams)::value, decltype(wd)::value, kSc>;
-      S* M = static_cast<S*>(mp);
-      S* V = static_cast<S*>(vp);
-      S* VH = static_cast<S*>(vhp);
-      ParallelChunks(pool, n, [&](int64_t a, int64_t b) {
-        ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t j) {
-          S* P = segmented ? static_cast<S*>(p[j]) + gat : static_cast<S*>(p[0]) + at;
+    WithFlags2(amsgrad, has_weight_decay, [&](auto ams, auto wd) {
+      WithScaleMode(scale_mode, [&](auto sc) {
+        constexpr bool kAms = decltype(ams)::value, kWd = decltype(wd)::value;
+        constexpr int kSc = decltype(sc)::value;
+        auto run = isa == kAvx2Fma ? &avx2_fma::AdamRun<S, G, kAms, kWd, kSc> : &baseline::AdamRun<S, G, kAms, kWd, kSc>;
+        S* M = static_cast<S*>(mp);
+        S* V = static_cast<S*>(vp);
+        S* VH = static_cast<S*>(vhp);
+        RunPieces<S>(pool, n, seg, p, [&](S* P, int64_t at, int64_t count, const void* g, int64_t gat) {
           run(P, M + at, V + at, VH ? VH + at : nullptr, static_cast<const G*>(g) + gat, count, k);
         });
       });
-     };
-     scale_mode ? dispatch(Bool<true>{}) : dispatch(Bool<false>{});
     });
   });
+}
+
+// Runs the SGD loops over the whole group (`p` as for RunPieces; m packed).
+static void SgdRunAll(ffi::ThreadPool& pool, ffi::DataType st, ffi::DataType gt, bool nesterov,
+                      bool has_weight_decay, int scale_mode, const SgdScalars& k, int64_t n, const Segments& seg,
+                      const std::vector<void*>& p, void* mp) {
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  WithTypes(st, gt, [&](auto s_tag, auto g_tag) {
+    using S = decltype(s_tag);
+    using G = decltype(g_tag);
+    WithFlags2(nesterov, has_weight_decay, [&](auto nes, auto wd) {
+      WithScaleMode(scale_mode, [&](auto sc) {
+        constexpr bool kNes = decltype(nes)::value, kWd = decltype(wd)::value;
+        constexpr int kSc = decltype(sc)::value;
+        auto run = isa == kAvx2Fma ? &avx2_fma::SgdRun<S, G, kNes, kWd, kSc> : &baseline::SgdRun<S, G, kNes, kWd, kSc>;
+        S* M = static_cast<S*>(mp);
+        RunPieces<S>(pool, n, seg, p, [&](S* P, int64_t at, int64_t count, const void* g, int64_t gat) {
+          run(P, M + at, static_cast<const G*>(g) + gat, count, k);
+        });
+      });
+    });
+  });
+}
+
+// Reads rank-0 float32 operands rest[i], rest[i + 1], ... into the non-null entries of `dst` in order (a null
+// entry is an operand this call does not have); returns the index after them.
+template <size_t N>
+static ffi::ErrorOr<size_t> ReadScalars(const ffi::RemainingArgs& rest, size_t i, float* const (&dst)[N],
+                                        const char* const (&names)[N]) {
+  for (size_t j = 0; j < N; ++j) {
+    if (dst[j] == nullptr) continue;
+    auto x = Scalar(rest, i++, names[j]);
+    if (x.has_error()) return ffi::Unexpected(x.error());
+    *dst[j] = *x;
+  }
+  return i;
 }
 
 // What both Adam handlers read after their fixed operands: [vhat] alpha eps [lr] [scale], in that order.
@@ -335,16 +386,77 @@ static ffi::ErrorOr<AdamHead> DecodeAdamHead(const ffi::RemainingArgs& rest, ffi
     h.vh_in = vh->untyped_data();
     h.vh_bytes = vh->size_bytes();
   }
-  float* scalars[] = {&h.k.alpha, &h.k.eps, has_weight_decay ? &h.k.lr : nullptr, has_scale ? &h.k.scale : nullptr};
-  const char* names[] = {"alpha", "eps", "lr", "scale"};
-  for (int j = 0; j < 4; ++j) {
-    if (scalars[j] == nullptr) continue;
-    auto x = Scalar(rest, i++, names[j]);
-    if (x.has_error()) return ffi::Unexpected(x.error());
-    *scalars[j] = *x;
-  }
-  h.next = i;
+  auto next = ReadScalars(rest, i, {&h.k.alpha, &h.k.eps, has_weight_decay ? &h.k.lr : nullptr,
+                                    has_scale ? &h.k.scale : nullptr}, {"alpha", "eps", "lr", "scale"});
+  if (next.has_error()) return ffi::Unexpected(next.error());
+  h.next = *next;
   return h;
+}
+
+// What both SGD handlers read after their fixed operands: lr [scale]; returns the index after them.
+static ffi::ErrorOr<size_t> DecodeSgdHead(const ffi::RemainingArgs& rest, float momentum, float weight_decay,
+                                          bool has_scale, SgdScalars* k) {
+  *k = SgdScalars{momentum, 0.f, weight_decay, 1.f};
+  return ReadScalars(rest, 0, {&k->lr, has_scale ? &k->scale : nullptr}, {"lr", "scale"});
+}
+
+// The variables and gradients of a pack handler: rest[first:] holds p_0 .. p_{K-1} then grad_0 .. grad_{K-1}, the
+// results rest_out[first_ret:] the new p_j. Each p_j has grad_j's element count and the slots' dtype `st`; the
+// gradients' concatenation is the packed state of `n` elements.
+struct PackOperands {
+  std::vector<void*> p;  // the variables' result buffers (holding their inputs)
+  Segments seg;
+  ffi::DataType gt = ffi::DataType::F32;
+};
+
+static ffi::ErrorOr<PackOperands> DecodePack(const ffi::RemainingArgs& rest, ffi::RemainingRets& rest_out,
+                                             size_t first, size_t first_ret, ffi::DataType st, int64_t n) {
+  if (first > rest.size() || (rest.size() - first) % 2 != 0)
+    return ffi::Unexpected(ffi::Error::InvalidArgument("a pack update needs one variable buffer per gradient"));
+  const size_t count = (rest.size() - first) / 2;
+  if (rest_out.size() != first_ret + count)
+    return ffi::Unexpected(ffi::Error::InvalidArgument("a pack update returns one buffer per variable"));
+  PackOperands out;
+  // Gradients follow the variables; Gradients() reads args[first:] to the end.
+  auto gt = Gradients(rest, first + count, n, &out.seg);
+  if (gt.has_error()) return ffi::Unexpected(gt.error());
+  out.gt = *gt;
+  out.p.resize(count);
+  for (size_t j = 0; j < count; ++j) {
+    auto in = rest.get<ffi::AnyBuffer>(first + j);
+    auto res = rest_out.get<ffi::AnyBuffer>(first_ret + j);
+    if (!in.has_value() || !res.has_value())
+      return ffi::Unexpected(ffi::Error::InvalidArgument("variable operand is not a buffer"));
+    if (in->element_type() != st ||
+        static_cast<int64_t>(in->element_count()) != out.seg.offset[j + 1] - out.seg.offset[j])
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "variable " + std::to_string(j) + " must have its gradient's element count and the slots' dtype"));
+    out.p[j] = InPlace(*in, *res);
+  }
+  return out;
+}
+
+// The state buffers' shared element count, or an error if they differ in it or in their (float) dtype.
+static ffi::ErrorOr<int64_t> StateCount(std::initializer_list<const ffi::AnyBuffer*> state, const char* names) {
+  const ffi::DataType st = (*state.begin())->element_type();
+  const int64_t n = static_cast<int64_t>((*state.begin())->element_count());
+  for (const ffi::AnyBuffer* b : state) {
+    if (!IsFloat(st) || b->element_type() != st)
+      return ffi::Unexpected(ffi::Error::InvalidArgument(std::string(names) +
+                                                         " must share one dtype, float32 or bfloat16"));
+    if (static_cast<int64_t>(b->element_count()) != n)
+      return ffi::Unexpected(ffi::Error::InvalidArgument(std::string(names) + " must have the same element count"));
+  }
+  return n;
+}
+
+// The AMSGrad result rest_out[0], holding vhat's input.
+static ffi::ErrorOr<void*> VhatResult(ffi::RemainingRets& rest_out, const AdamHead& head) {
+  auto vh_out = rest_out.get<ffi::AnyBuffer>(0);
+  if (!vh_out.has_value()) return ffi::Unexpected(ffi::Error::InvalidArgument("missing vhat result"));
+  void* vhp = (*vh_out)->untyped_data();
+  if (vhp != head.vh_in) std::memcpy(vhp, head.vh_in, head.vh_bytes);
+  return vhp;
 }
 
 // ---- Adam -----------------------------------------------------------------------------------------------
@@ -356,19 +468,12 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
                            ffi::RemainingRets rest_out, float c1, float c2, bool amsgrad, bool has_weight_decay,
                            float weight_decay, bool has_scale, bool scale_contracted) {
   const ffi::DataType st = p.element_type();
-  if (!IsFloat(st) || m.element_type() != st || v.element_type() != st)
-    return ffi::Error::InvalidArgument("p, m, v must share one dtype, float32 or bfloat16");
-  const int64_t n = static_cast<int64_t>(p.element_count());
-  if (static_cast<int64_t>(m.element_count()) != n || static_cast<int64_t>(v.element_count()) != n)
-    return ffi::Error::InvalidArgument("p, m, v must have the same element count");
-  auto head = DecodeAdamHead(rest, st, n, c1, c2, amsgrad, has_weight_decay, weight_decay, has_scale);
+  auto n = StateCount({&p, &m, &v}, "p, m, v");
+  if (n.has_error()) return n.error();
+  auto head = DecodeAdamHead(rest, st, *n, c1, c2, amsgrad, has_weight_decay, weight_decay, has_scale);
   if (head.has_error()) return head.error();
-  size_t i = head->next;
-  const void* vh_in = head->vh_in;
-  const size_t vh_bytes = head->vh_bytes;
-  const AdamScalars k = head->k;
   Segments seg;
-  auto gt = Gradients(rest, i, n, &seg);
+  auto gt = Gradients(rest, head->next, *n, &seg);
   if (gt.has_error()) return gt.error();
 
   void* pp = InPlace(p, p_out);
@@ -376,12 +481,12 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffe
   void* vp = InPlace(v, v_out);
   void* vhp = nullptr;
   if (amsgrad) {
-    auto vh_out = rest_out.get<ffi::AnyBuffer>(0);
-    if (!vh_out.has_value()) return ffi::Error::InvalidArgument("missing vhat result");
-    vhp = (*vh_out)->untyped_data();
-    if (vhp != vh_in) std::memcpy(vhp, vh_in, vh_bytes);
+    auto vh = VhatResult(rest_out, *head);
+    if (vh.has_error()) return vh.error();
+    vhp = *vh;
   }
-  AdamRunAll(pool, st, *gt, amsgrad, has_weight_decay, has_scale, scale_contracted, k, n, seg, {pp}, mp, vp, vhp);
+  AdamRunAll(pool, st, *gt, amsgrad, has_weight_decay, ScaleMode(has_scale, scale_contracted), head->k, *n, seg,
+             {pp}, mp, vp, vhp);
   return ffi::Error::Success();
 }
 
@@ -393,48 +498,23 @@ static ffi::Error AdamPackImpl(ffi::ThreadPool pool, ffi::AnyBuffer m, ffi::AnyB
                                ffi::RemainingRets rest_out, float c1, float c2, bool amsgrad,
                                bool has_weight_decay, float weight_decay, bool has_scale, bool scale_contracted) {
   const ffi::DataType st = m.element_type();
-  if (!IsFloat(st) || v.element_type() != st)
-    return ffi::Error::InvalidArgument("m, v must share one dtype, float32 or bfloat16");
-  const int64_t n = static_cast<int64_t>(m.element_count());
-  if (static_cast<int64_t>(v.element_count()) != n)
-    return ffi::Error::InvalidArgument("m, v must have the same element count");
-  auto head = DecodeAdamHead(rest, st, n, c1, c2, amsgrad, has_weight_decay, weight_decay, has_scale);
+  auto n = StateCount({&m, &v}, "m, v");
+  if (n.has_error()) return n.error();
+  auto head = DecodeAdamHead(rest, st, *n, c1, c2, amsgrad, has_weight_decay, weight_decay, has_scale);
   if (head.has_error()) return head.error();
-  size_t i = head->next;
-  const void* vh_in = head->vh_in;
-  const size_t vh_bytes = head->vh_bytes;
-  const AdamScalars k = head->k;
-  if (i > rest.size() || (rest.size() - i) % 2 != 0)
-    return ffi::Error::InvalidArgument("a pack update needs one variable buffer per gradient");
-  const size_t count = (rest.size() - i) / 2;
-  const size_t first_ret = amsgrad ? 1 : 0;
-  if (rest_out.size() != first_ret + count)
-    return ffi::Error::InvalidArgument("a pack update returns one buffer per variable");
-  Segments seg;
-  // Gradients follow the variables; Gradients() reads args[first:] to the end.
-  auto gt = Gradients(rest, i + count, n, &seg);
-  if (gt.has_error()) return gt.error();
-  std::vector<void*> p(count);
-  for (size_t j = 0; j < count; ++j) {
-    auto in = rest.get<ffi::AnyBuffer>(i + j);
-    auto out = rest_out.get<ffi::AnyBuffer>(first_ret + j);
-    if (!in.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("variable operand is not a buffer");
-    if (in->element_type() != st || static_cast<int64_t>(in->element_count()) != seg.offset[j + 1] - seg.offset[j])
-      return ffi::Error::InvalidArgument("variable " + std::to_string(j) +
-                                         " must have its gradient's element count and the slots' dtype");
-    p[j] = InPlace(*in, *out);
-  }
+  auto pack = DecodePack(rest, rest_out, head->next, amsgrad ? 1 : 0, st, *n);
+  if (pack.has_error()) return pack.error();
   void* mp = InPlace(m, m_out);
   void* vp = InPlace(v, v_out);
   void* vhp = nullptr;
   if (amsgrad) {
-    auto vh_out = rest_out.get<ffi::AnyBuffer>(0);
-    if (!vh_out.has_value()) return ffi::Error::InvalidArgument("missing vhat result");
-    vhp = (*vh_out)->untyped_data();
-    if (vhp != vh_in) std::memcpy(vhp, vh_in, vh_bytes);
+    auto vh = VhatResult(rest_out, *head);
+    if (vh.has_error()) return vh.error();
+    vhp = *vh;
   }
-  if (count == 0) return ffi::Error::Success();
-  AdamRunAll(pool, st, *gt, amsgrad, has_weight_decay, has_scale, scale_contracted, k, n, seg, p, mp, vp, vhp);
+  if (pack->p.empty()) return ffi::Error::Success();
+  AdamRunAll(pool, st, pack->gt, amsgrad, has_weight_decay, ScaleMode(has_scale, scale_contracted), head->k, *n,
+             pack->seg, pack->p, mp, vp, vhp);
   return ffi::Error::Success();
 }
 
@@ -443,46 +523,41 @@ static ffi::Error AdamPackImpl(ffi::ThreadPool pool, ffi::AnyBuffer m, ffi::AnyB
 // Operands: p, m, then lr [scale] grad_0 ... grad_{K-1}; results p, m.
 static ffi::Error SgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffer m, ffi::RemainingArgs rest,
                           ffi::Result<ffi::AnyBuffer> p_out, ffi::Result<ffi::AnyBuffer> m_out, float momentum,
-                          bool nesterov, bool has_weight_decay, float weight_decay, bool has_scale) {
+                          bool nesterov, bool has_weight_decay, float weight_decay, bool has_scale,
+                          bool scale_float32) {
   const ffi::DataType st = p.element_type();
-  if (!IsFloat(st) || m.element_type() != st)
-    return ffi::Error::InvalidArgument("p, m must share one dtype, float32 or bfloat16");
-  const int64_t n = static_cast<int64_t>(p.element_count());
-  if (static_cast<int64_t>(m.element_count()) != n)
-    return ffi::Error::InvalidArgument("p, m must have the same element count");
-  SgdScalars k{momentum, 0.f, weight_decay, 1.f};
-  size_t i = 0;
-  auto lr = Scalar(rest, i++, "lr");
-  if (lr.has_error()) return lr.error();
-  k.lr = *lr;
-  if (has_scale) {
-    auto s = Scalar(rest, i++, "scale");
-    if (s.has_error()) return s.error();
-    k.scale = *s;
-  }
+  auto n = StateCount({&p, &m}, "p, m");
+  if (n.has_error()) return n.error();
+  SgdScalars k;
+  auto next = DecodeSgdHead(rest, momentum, weight_decay, has_scale, &k);
+  if (next.has_error()) return next.error();
   Segments seg;
-  auto gt = Gradients(rest, i, n, &seg);
+  auto gt = Gradients(rest, *next, *n, &seg);
   if (gt.has_error()) return gt.error();
   void* pp = InPlace(p, p_out);
   void* mp = InPlace(m, m_out);
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  WithTypes(st, *gt, [&](auto s_tag, auto g_tag) {
-    using S = decltype(s_tag);
-    using G = decltype(g_tag);
-    WithFlags3(nesterov, has_weight_decay, has_scale, [&](auto nes, auto wd, auto sc) {
-      auto run = isa == kAvx2Fma ? &avx2_fma::SgdRun<S, G, decltype(nes)::value, decltype(wd)::value,
-                                                     decltype(sc)::value>
-                                 : &baseline::SgdRun<S, G, decltype(nes)::value, decltype(wd)::value,
-                                                     decltype(sc)::value>;
-      S* P = static_cast<S*>(pp);
-      S* M = static_cast<S*>(mp);
-      ParallelChunks(pool, n, [&](int64_t a, int64_t b) {
-        ForEachPiece(seg, a, b, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t) {
-          run(P + at, M + at, static_cast<const G*>(g) + gat, count, k);
-        });
-      });
-    });
-  });
+  SgdRunAll(pool, st, *gt, nesterov, has_weight_decay, ScaleMode(has_scale, scale_float32), k, *n, seg, {pp}, mp);
+  return ffi::Error::Success();
+}
+
+// The same update for a pack whose variables stay in buffers of their own (m packed): operands m, then lr
+// [scale] p_0 ... p_{K-1} grad_0 ... grad_{K-1}; results m, p_0 ... p_{K-1}.
+static ffi::Error SgdPackImpl(ffi::ThreadPool pool, ffi::AnyBuffer m, ffi::RemainingArgs rest,
+                              ffi::Result<ffi::AnyBuffer> m_out, ffi::RemainingRets rest_out, float momentum,
+                              bool nesterov, bool has_weight_decay, float weight_decay, bool has_scale,
+                              bool scale_float32) {
+  const ffi::DataType st = m.element_type();
+  auto n = StateCount({&m}, "m");
+  if (n.has_error()) return n.error();
+  SgdScalars k;
+  auto next = DecodeSgdHead(rest, momentum, weight_decay, has_scale, &k);
+  if (next.has_error()) return next.error();
+  auto pack = DecodePack(rest, rest_out, *next, 0, st, *n);
+  if (pack.has_error()) return pack.error();
+  void* mp = InPlace(m, m_out);
+  if (pack->p.empty()) return ffi::Error::Success();
+  SgdRunAll(pool, st, pack->gt, nesterov, has_weight_decay, ScaleMode(has_scale, scale_float32), k, *n, pack->seg,
+            pack->p, mp);
   return ffi::Error::Success();
 }
 
@@ -541,7 +616,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSgdUpdate, sk::SgdImpl,
                                   .Attr<bool>("nesterov")
                                   .Attr<bool>("has_weight_decay")
                                   .Attr<float>("weight_decay")
-                                  .Attr<bool>("has_scale"));
+                                  .Attr<bool>("has_scale")
+                                  .Attr<bool>("scale_float32"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSgdPackUpdate, sk::SgdPackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingRets()
+                                  .Attr<float>("momentum")
+                                  .Attr<bool>("nesterov")
+                                  .Attr<bool>("has_weight_decay")
+                                  .Attr<float>("weight_decay")
+                                  .Attr<bool>("has_scale")
+                                  .Attr<bool>("scale_float32"));
 
 extern "C" {
 
