@@ -17,7 +17,7 @@ import warnings
 import ml_dtypes  # noqa: F401  (numpy bfloat16)
 import numpy as np
 import pytest
-from fusion_testlib import one_device_mesh
+from fusion_testlib import filecheck, one_device_mesh
 
 import shardopt
 from shardopt import kernels as sk
@@ -63,6 +63,16 @@ def run(dtype, options, pipeline, shapes, packed, steps=4, exact_norm=False):
         opt.apply_gradients([(g.astype(dtype), v) for g, v in zip(grads, vs, strict=True)])
     program = next(iter(opt._programs.values()))
     return [np.asarray(v.value) for v in vs] + [np.asarray(opt.get_slot(v, "m").value) for v in vs], program
+
+
+def test_filecheck_sgd_chunks():
+    """tests/filecheck/lower-to-kernels.mlir (its last two chunks are SGD's), with the statistics they report."""
+    rc, err, stats = filecheck(PASS, "lower-to-kernels{assume-available=true}")
+    assert rc == 0, err
+    single, pack = stats[-2], stats[-1]
+    assert single["kernels"] == {"shardopt_sgd_update": 1} and single["scales_folded"] == 1, single
+    assert pack["kernels"] == {"shardopt_sgd_pack_update": 1} and pack["pack_members"] == 2, pack
+    assert pack["bf16_gradients"] == 1 and pack["gradient_buffers_freed"] == 1, pack
 
 
 def test_library_has_the_sgd_kernels():

@@ -144,6 +144,11 @@ def _check_pack(ps: Sequence[jax.Array], slot: jax.Array, grads: Sequence[jax.Ar
         raise ValueError("variables must have the slots' dtype")
 
 
+def _scale_dtype(grads: Sequence[jax.Array], scale_float32: bool = False) -> Any:
+    """The dtype a clip scale is rounded to: the gradients' (clipping.py), or float32 in a step's form."""
+    return jnp.float32 if scale_float32 or not grads else grads[0].dtype
+
+
 def _invoke(call: KernelCall, named: dict[str, Any], grads: Sequence[jax.Array],
             variables: Sequence[jax.Array] = ()) -> tuple[jax.Array, ...]:
     operands = [named[name] for name in call.operands] + list(variables) + list(grads)
@@ -173,7 +178,7 @@ def adam_update(p: jax.Array, m: jax.Array, v: jax.Array, grads: Sequence[jax.Ar
     if weight_decay is not None:
         named["lr"] = _scalar(lr)
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads))
     return _invoke(call, named, grads)
 
 
@@ -194,39 +199,40 @@ def adam_pack_update(ps: Sequence[jax.Array], m: jax.Array, v: jax.Array, grads:
     if weight_decay is not None:
         named["lr"] = _scalar(lr)
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads))
     out = _invoke(call, named, grads, ps)
     k = len(call.results)
     return list(out[k:]), out[:k]
 
 
 def sgd_update(p: jax.Array, m: jax.Array, grads: Sequence[jax.Array], *, lr: Any, momentum: float,
-               nesterov: bool = False, weight_decay: float | None = None, clip_scale: Any = None
-               ) -> tuple[jax.Array, jax.Array]:
-    """One tf-keras SGD-with-momentum step of a packed group: returns (p, m)."""
+               nesterov: bool = False, weight_decay: float | None = None, clip_scale: Any = None,
+               scale_float32: bool = False) -> tuple[jax.Array, jax.Array]:
+    """One tf-keras SGD-with-momentum step of a packed group: returns (p, m). `clip_scale` multiplies the
+    gradients first (`scale_float32`: as a step does, see `sgd_call`). Donate p and m to update them in place."""
     grads = list(grads)
     _check([p, m], grads)
     call = sgd_call(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                    clip_scale=clip_scale is not None)
+                    clip_scale=clip_scale is not None, scale_float32=scale_float32)
     named = {"p": p, "m": m, "lr": _scalar(lr)}
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads, scale_float32))
     out = _invoke(call, named, grads)
     return out[0], out[1]
 
 
 def sgd_pack_update(ps: Sequence[jax.Array], m: jax.Array, grads: Sequence[jax.Array], *, lr: Any,
                     momentum: float, nesterov: bool = False, weight_decay: float | None = None,
-                    clip_scale: Any = None) -> tuple[list[jax.Array], jax.Array]:
+                    clip_scale: Any = None, scale_float32: bool = False) -> tuple[list[jax.Array], jax.Array]:
     """`sgd_update` for variables in buffers of their own (`ps[j]` updated with `grads[j]`) and a packed `m`:
     returns (new ps, m). Donate ps and m to update them in place."""
     ps, grads = list(ps), list(grads)
     _check_pack(ps, m, grads)
     _check([m], grads)
     call = sgd_pack_call(len(ps), momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                         clip_scale=clip_scale is not None)
+                         clip_scale=clip_scale is not None, scale_float32=scale_float32)
     named = {"m": m, "lr": _scalar(lr)}
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads, scale_float32))
     out = _invoke(call, named, grads, ps)
     return list(out[1:]), out[0]
