@@ -7,7 +7,7 @@ Adam/AdamW ("adam") and tf-keras SGD ("sgd"); kernel_lowerings.py says what each
 Why: XLA:CPU compiles an Adam update into three loops per tensor (~40 bytes per element) and SGD with momentum
 into two (24-28 bytes: m, then the variable re-reading the new m, and the gradient for Nesterov); the kernel
 does one pass in place (its results alias the state: 28 bytes for Adam, 20 for SGD), 64M float32 elements in
-~52 ms instead of ~126 ms for Adam, 0.54x the StableHLO step for SGD (benchmarks/bench_sgd.py).
+~52 ms instead of ~126 ms for Adam, 0.54-0.75x the StableHLO step for SGD (benchmarks/bench_sgd.py).
 
 What the frontend marks (frontend/step.py `_kernel_composite`, frontend/pack_kernel.py): variables kept in
 buffers of their own, with a dense gradient, under a definition whose `kernel_spec()` is not None; operands
