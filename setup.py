@@ -73,7 +73,8 @@ class BuildKernels(build_ext):
 kernels = Extension(
     KERNELS,
     sources=["shardopt/kernels/cpu/kernels.cc"],
-    depends=["shardopt/kernels/cpu/update_loops.inc"],
+    depends=["shardopt/kernels/cpu/update_loops.inc", "shardopt/kernels/cpu/parallel.inc",
+             "shardopt/kernels/cpu/operands.inc"],
     language="c++",
     # -ffp-contract=off: the source writes every fused multiply-add XLA:CPU would make (update_loops.inc);
     # -fno-math-errno lets std::sqrt vectorize (2x); the AVX2+FMA loops are chosen at run time by a CPU check,

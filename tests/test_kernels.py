@@ -130,7 +130,7 @@ def test_library_is_built():
     assert kernels.available("sgd", "bfloat16"), kernels.reason("sgd", "bfloat16")
     info = kernels.info()
     assert info["loaded"] and info["targets"] == ["shardopt_adam_pack_update", "shardopt_adam_update",
-                                                "shardopt_sgd_update"]
+                                                "shardopt_sgd_pack_update", "shardopt_sgd_update"]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["f32", "bf16"])
@@ -197,11 +197,12 @@ def test_adam_baseline_isa_matches_unfused(dtype, case, isa):
         assert np.all(np.abs(got_i - xla_i) <= allowed), i
 
 
-def sgd_reference(p, m, grads, lr, momentum, nesterov, wd, scale):
-    """tf-keras SGD (optimizers/sgd.py, dense) in shardopt's order: clip scale, weight decay, update."""
+def sgd_reference(p, m, grads, lr, momentum, nesterov, wd, scale, scale_float32=False):
+    """tf-keras SGD (optimizers/sgd.py, dense) in shardopt's order: clip scale, weight decay, update. The scale
+    multiplies in the gradient dtype (clipping.py), or with `scale_float32` the float32 gradient (a step)."""
     dt, ct = p.dtype, jnp.float32
     if scale is not None:
-        grads = [g * scale.astype(g.dtype) for g in grads]
+        grads = [g.astype(ct) * scale if scale_float32 else g * scale.astype(g.dtype) for g in grads]
     g = jnp.concatenate([x.reshape(-1) for x in grads]).astype(ct)
     var, mc = p.astype(ct), m.astype(ct)
     if wd is not None:
@@ -219,23 +220,119 @@ SGD_CASES = {
     "clip_nesterov_wd": {"nesterov": True, "wd": 0.003, "clip": True},
     "zero_momentum": {"momentum": 0.0},
 }
+# The clip scale as a step applies it (float32 product, contracted as XLA:CPU compiles a step's loop): its XLA
+# reference is the step itself (tests/test_sgd_kernel.py); here only against the uncontracted formulation.
+SGD_STEP_FORM = {"clip_float32": {"nesterov": True, "wd": 0.003, "clip": True, "float32": True}}
+
+
+def _sgd_case(case):
+    cfg = {**SGD_CASES, **SGD_STEP_FORM}[case]
+    return dict(momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False), wd=cfg.get("wd"),
+                scale=jnp.float32(0.61) if cfg.get("clip") else None, scale_float32=cfg.get("float32", False))
+
+
+def _split(p, grads):
+    """p cut into one buffer per gradient, of its shape (a pack's variables)."""
+    out, at = [], 0
+    for g in grads:
+        out.append(p[at:at + g.size].reshape(g.shape))
+        at += g.size
+    return out
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(SGD_CASES))
 def test_sgd_matches_xla_bitwise(dtype, case, isa):
+    """The single-buffer and the pack kernel (each gradient's variable in a buffer of its own) against XLA."""
     isa.ShardoptKernelsSetIsa(1)
-    cfg = SGD_CASES[case]
-    momentum, nesterov, wd = cfg.get("momentum", 0.9), cfg.get("nesterov", False), cfg.get("wd")
-    scale = jnp.float32(0.61) if cfg.get("clip") else None
+    c = _sgd_case(case)
+    options = dict(momentum=c["momentum"], nesterov=c["nesterov"], weight_decay=c["wd"],
+                   scale_float32=c["scale_float32"])
     state, grads = make_state(dtype, sum(SIZES), False, seed=1)
     p, m = state[0], state[1]
-    got = jax.jit(lambda p, m, gs, lr, s: kernels.sgd_update(
-        p, m, gs, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd, clip_scale=s))(p, m, grads, LR, scale)
-    want = jax.jit(lambda p, m, gs, lr, s: sgd_reference(p, m, gs, lr, momentum, nesterov, wd, s))(
-        p, m, grads, LR, scale)
+    got = jax.jit(lambda p, m, gs, lr, s: kernels.sgd_update(p, m, gs, lr=lr, clip_scale=s, **options))(
+        p, m, grads, LR, c["scale"])
+    want = jax.jit(lambda p, m, gs, lr, s: sgd_reference(p, m, gs, lr, c["momentum"], c["nesterov"], c["wd"], s,
+                                                         c["scale_float32"]))(p, m, grads, LR, c["scale"])
     for name, g, w in zip(("p", "m"), got, want, strict=True):
         assert_bitwise(g, w, f"sgd {case} {name}")
+    ps, m_pack = jax.jit(lambda ps, m, gs, lr, s: kernels.sgd_pack_update(ps, m, gs, lr=lr, clip_scale=s,
+                                                                           **options))(
+        _split(p, grads), m, grads, LR, c["scale"])
+    assert [x.shape for x in ps] == [g.shape for g in grads]
+    assert_bitwise(jnp.concatenate([x.reshape(-1) for x in ps]), want[0], f"sgd pack {case} p")
+    assert_bitwise(m_pack, want[1], f"sgd pack {case} m")
+
+
+def numpy_sgd(p, m, grads, lr, momentum, nesterov, wd, scale, scale_float32):
+    """SGD in shardopt's order without contraction, in float32 numpy (XLA on a CPU without FMA)."""
+    f32 = np.float32
+    g = np.concatenate([np.asarray(x).reshape(-1).astype(f32) for x in grads])
+    if scale is not None:
+        gdt = f32 if scale_float32 else np.asarray(grads[0]).dtype
+        g = (g * f32(np.asarray(scale).astype(gdt))).astype(gdt).astype(f32)
+    p, m = np.asarray(p).astype(f32), np.asarray(m).astype(f32)
+    if wd is not None:
+        p = p - p * (f32(lr) * f32(wd))
+    step = -g * f32(lr)
+    m = step + m * f32(momentum)
+    p = p + (step + m * f32(momentum)) if nesterov else p + m
+    return p, m
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["nesterov", "clip_nesterov_wd", "clip_float32"])
+def test_sgd_baseline_isa_matches_unfused(dtype, case, isa):
+    """The loops for CPUs without FMA: bitwise the uncontracted formulation, single-buffer and pack kernel."""
+    isa.ShardoptKernelsSetIsa(0)
+    c = _sgd_case(case)
+    options = dict(momentum=c["momentum"], nesterov=c["nesterov"], weight_decay=c["wd"],
+                   scale_float32=c["scale_float32"])
+    state, grads = make_state(dtype, sum(SIZES), False, seed=3)
+    p, m = state[0], state[1]
+    want = [x.astype(np.asarray(p).dtype) for x in numpy_sgd(p, m, grads, LR, c["momentum"], c["nesterov"],
+                                                              c["wd"], c["scale"], c["scale_float32"])]
+    got = jax.jit(lambda p, m, gs: kernels.sgd_update(p, m, gs, lr=LR, clip_scale=c["scale"], **options))(
+        p, m, grads)
+    ps, m_pack = jax.jit(lambda ps, m, gs: kernels.sgd_pack_update(ps, m, gs, lr=LR, clip_scale=c["scale"],
+                                                                   **options))(_split(p, grads), m, grads)
+    pack = (jnp.concatenate([x.reshape(-1) for x in ps]), m_pack)
+    for what, result in (("single", got), ("pack", pack)):
+        for name, g, w in zip(("p", "m"), result, want, strict=True):
+            assert_bitwise(g, w, f"baseline sgd {what} {case} {name}")
+
+
+def test_sgd_pack_update_is_one_custom_call_in_place():
+    ps = [jnp.full((1000,), 0.5, jnp.float32), jnp.full((3, 1032), 0.25, jnp.float32)]
+    m = jnp.zeros(4096, jnp.float32)
+    grads = [jnp.ones((1000,), jnp.float32), jnp.ones((3, 1032), jnp.float32)]
+
+    def step(ps, m, grads, lr):
+        return kernels.sgd_pack_update(ps, m, grads, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                       clip_scale=jnp.float32(0.5))
+
+    f = jax.jit(step, donate_argnums=(0, 1))
+    hlo = f.lower(ps, m, grads, LR).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert len(re.findall(r"custom-call\(", entry)) == 1, entry
+    assert not re.findall(r"\bcopy(-start)?\(", entry), entry
+    pointers = [x.unsafe_buffer_pointer() for x in ps] + [m.unsafe_buffer_pointer()]
+    new_ps, new_m = f(ps, m, grads, LR)
+    assert [x.unsafe_buffer_pointer() for x in new_ps] + [new_m.unsafe_buffer_pointer()] == pointers
+    assert all(x.is_deleted() for x in ps) and m.is_deleted()
+
+
+def test_sgd_pack_kernel_rejects_inconsistent_operands():
+    """A pack call whose variables do not match its gradients is an error from the kernel, not a crash."""
+    call = kernels.sgd_pack_call(1, momentum=0.9)
+    m = jnp.zeros(10, jnp.float32)
+    fn = jax.ffi.ffi_call(call.target, [jax.ShapeDtypeStruct(m.shape, m.dtype), jax.ShapeDtypeStruct((4,), m.dtype)],
+                          input_output_aliases=call.aliases)
+    with pytest.raises(Exception, match="variable 0 must have its gradient's element count"):
+        jax.block_until_ready(jax.jit(lambda: fn(m, jnp.float32(1), jnp.zeros(4), jnp.zeros(10),
+                                                 **call.attributes))())
+    with pytest.raises(ValueError, match="one variable per gradient"):
+        kernels.sgd_pack_update([jnp.ones((4,))], m, [jnp.ones((4,)), jnp.ones((6,))], lr=0.1, momentum=0.9)
 
 
 def test_many_small_gradients_and_several_steps(isa):
@@ -312,6 +409,9 @@ def test_call_layouts():
     assert call.attributes["one_minus_beta_1"] == np.float32(1 - 0.9) != np.float32(1) - np.float32(0.9)
     sgd = kernels.sgd_call(momentum=0.9)
     assert sgd.operands == ("p", "m", "lr") and sgd.aliases == {0: 0, 1: 1}
+    pack = kernels.sgd_pack_call(3, momentum=0.9, clip_scale=True, scale_float32=True)
+    assert pack.operands == ("m", "lr", "scale") and pack.results == ("m",)
+    assert pack.aliases == {0: 0, 3: 1, 4: 2, 5: 3} and pack.attributes["scale_float32"]
 
 
 # ---- the fallback paths: what a pass reports when it cannot use the kernels ----------------------------------

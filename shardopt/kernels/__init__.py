@@ -8,11 +8,12 @@ when a C++ compiler is present (setup.py); a pass asks `available()` and keeps t
 `reason()`, when they are not.
 
 - `available(kernel, dtype, platform)` / `reason(...)`: whether a kernel can be called, and why not.
-- `adam_call(...)` / `sgd_call(...)`: a `KernelCall` (FFI target, attributes, operand order, aliases) for a pass
-  that emits `stablehlo.custom_call` itself.
+- `adam_call(...)` / `sgd_call(...)` (`*_pack_call` for a pack's variables in buffers of their own): a
+  `KernelCall` (FFI target, attributes, operand order, aliases) for a pass that emits `stablehlo.custom_call`.
 - `shardopt.kernels.stablehlo.custom_call(call, operands)`: that op built with jaxlib's MLIR bindings, attribute
   for attribute what `jax.ffi.ffi_call` lowers to.
-- `adam_update(...)` / `sgd_update(...)`: jax functions on `jax.ffi.ffi_call` (tests, benchmarks, embedding).
+- `adam_update(...)` / `sgd_update(...)` (and `*_pack_update`): jax functions on `jax.ffi.ffi_call` (tests,
+  benchmarks, embedding).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from shardopt.kernels.calls import (
     adam_update,
     clip_scale_operand,
     sgd_call,
+    sgd_pack_call,
+    sgd_pack_update,
     sgd_update,
 )
 
-KERNELS = {"adam": "shardopt_adam_update", "adam_pack": "shardopt_adam_pack_update", "sgd": "shardopt_sgd_update"}
+KERNELS = {"adam": "shardopt_adam_update", "adam_pack": "shardopt_adam_pack_update", "sgd": "shardopt_sgd_update",
+           "sgd_pack": "shardopt_sgd_pack_update"}
 PACK_SUFFIX = "_pack"  # "adam_pack": the kernel of a pack whose variables stay in buffers of their own
 DTYPES = ("float32", "bfloat16")
 PLATFORMS = ("cpu",)
@@ -42,7 +46,7 @@ PLATFORMS = ("cpu",)
 __all__ = [
     "DTYPES", "KERNELS", "PACK_SUFFIX", "KernelCall", "PLATFORMS", "adam_call", "adam_pack_call", "adam_pack_update",
     "adam_update", "available", "clip_scale_operand",
-    "info", "module_kernels", "reason", "sgd_call", "sgd_update", "target_reason",
+    "info", "module_kernels", "reason", "sgd_call", "sgd_pack_call", "sgd_pack_update", "sgd_update", "target_reason",
 ]
 
 

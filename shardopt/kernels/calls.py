@@ -11,6 +11,7 @@ operand per gradient, before the gradients; its results are the packed slots, th
 
     shardopt_adam_pack_update(m, v, [vhat], alpha, eps, [lr], [scale], p_0 .. p_K-1, g_0 .. g_K-1)
         -> (m, v, [vhat], p_0 .. p_K-1)
+    shardopt_sgd_pack_update(m, lr, [scale], p_0 .. p_K-1, g_0 .. g_K-1) -> (m, p_0 .. p_K-1)
 
 `lr` is present for Adam only with weight decay. Attributes hold what is constant for a module: float32(1 -
 beta), as XLA folds `jnp.asarray(1 - beta, float32)`; float32(weight_decay); the flags. State is float32 or
@@ -35,6 +36,7 @@ import numpy as np
 ADAM_TARGET = "shardopt_adam_update"
 ADAM_PACK_TARGET = "shardopt_adam_pack_update"
 SGD_TARGET = "shardopt_sgd_update"
+SGD_PACK_TARGET = "shardopt_sgd_pack_update"
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,12 @@ def adam_pack_call(variables: int, **options: Any) -> KernelCall:
 
 
 def sgd_call(*, momentum: float, nesterov: bool = False, weight_decay: float | None = None,
-             clip_scale: bool = False) -> KernelCall:
-    """The SGD-with-momentum call for these options."""
+             clip_scale: bool = False, scale_float32: bool = False) -> KernelCall:
+    """The SGD-with-momentum call for these options.
+
+    `scale_float32`: the clip scale as a step applies it (gradients converted to float32 before clipping, so the
+    product g*scale stays float32; frontend/step.py); default: g*scale rounded to the gradient dtype, as
+    clipping.py computes it on a gradient of that dtype."""
     operands = ("p", "m", "lr") + (("scale",) if clip_scale else ())
     attributes = {
         "momentum": np.float32(momentum),
@@ -96,8 +102,16 @@ def sgd_call(*, momentum: float, nesterov: bool = False, weight_decay: float | N
         "has_weight_decay": weight_decay is not None,
         "weight_decay": np.float32(0.0 if weight_decay is None else weight_decay),
         "has_scale": bool(clip_scale),
+        "scale_float32": bool(clip_scale and scale_float32),
     }
     return KernelCall(SGD_TARGET, attributes, operands, ("p", "m"))
+
+
+def sgd_pack_call(variables: int, **options: Any) -> KernelCall:
+    """The SGD call for a pack of `variables` variables in buffers of their own (options: `sgd_call`'s)."""
+    single = sgd_call(**options)
+    return KernelCall(SGD_PACK_TARGET, single.attributes, tuple(o for o in single.operands if o != "p"), ("m",),
+                      variables=variables)
 
 
 def clip_scale_operand(scale: Any, grad_dtype: Any) -> jax.Array:
@@ -121,6 +135,18 @@ def _check(state: Sequence[jax.Array], grads: Sequence[jax.Array]) -> None:
     total = sum(int(np.prod(g.shape)) for g in grads)
     if total != int(np.prod(p.shape)):
         raise ValueError(f"gradients hold {total} elements, the state {int(np.prod(p.shape))}")
+
+
+def _check_pack(ps: Sequence[jax.Array], slot: jax.Array, grads: Sequence[jax.Array]) -> None:
+    if len(ps) != len(grads) or any(p.size != g.size for p, g in zip(ps, grads, strict=True)):
+        raise ValueError("one variable per gradient, of the gradient's size")
+    if any(p.dtype != slot.dtype for p in ps):
+        raise ValueError("variables must have the slots' dtype")
+
+
+def _scale_dtype(grads: Sequence[jax.Array], scale_float32: bool = False) -> Any:
+    """The dtype a clip scale is rounded to: the gradients' (clipping.py), or float32 in a step's form."""
+    return jnp.float32 if scale_float32 or not grads else grads[0].dtype
 
 
 def _invoke(call: KernelCall, named: dict[str, Any], grads: Sequence[jax.Array],
@@ -152,7 +178,7 @@ def adam_update(p: jax.Array, m: jax.Array, v: jax.Array, grads: Sequence[jax.Ar
     if weight_decay is not None:
         named["lr"] = _scalar(lr)
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads))
     return _invoke(call, named, grads)
 
 
@@ -163,10 +189,7 @@ def adam_pack_update(ps: Sequence[jax.Array], m: jax.Array, v: jax.Array, grads:
     """`adam_update` for variables in buffers of their own (`ps[j]` updated with `grads[j]`) and packed slots:
     returns (new ps, (m, v[, vhat])). Donate ps, m, v (and vhat) to update them in place."""
     ps, grads = list(ps), list(grads)
-    if len(ps) != len(grads) or any(p.size != g.size for p, g in zip(ps, grads, strict=True)):
-        raise ValueError("one variable per gradient, of the gradient's size")
-    if any(p.dtype != m.dtype for p in ps):
-        raise ValueError("variables must have the slots' dtype")
+    _check_pack(ps, m, grads)
     _check([m, v] + ([vhat] if vhat is not None else []), grads)
     if weight_decay is not None and lr is None:
         raise ValueError("weight_decay needs lr")
@@ -176,22 +199,40 @@ def adam_pack_update(ps: Sequence[jax.Array], m: jax.Array, v: jax.Array, grads:
     if weight_decay is not None:
         named["lr"] = _scalar(lr)
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads))
     out = _invoke(call, named, grads, ps)
     k = len(call.results)
     return list(out[k:]), out[:k]
 
 
 def sgd_update(p: jax.Array, m: jax.Array, grads: Sequence[jax.Array], *, lr: Any, momentum: float,
-               nesterov: bool = False, weight_decay: float | None = None, clip_scale: Any = None
-               ) -> tuple[jax.Array, jax.Array]:
-    """One tf-keras SGD-with-momentum step of a packed group: returns (p, m)."""
+               nesterov: bool = False, weight_decay: float | None = None, clip_scale: Any = None,
+               scale_float32: bool = False) -> tuple[jax.Array, jax.Array]:
+    """One tf-keras SGD-with-momentum step of a packed group: returns (p, m). `clip_scale` multiplies the
+    gradients first (`scale_float32`: as a step does, see `sgd_call`). Donate p and m to update them in place."""
     grads = list(grads)
     _check([p, m], grads)
     call = sgd_call(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                    clip_scale=clip_scale is not None)
+                    clip_scale=clip_scale is not None, scale_float32=scale_float32)
     named = {"p": p, "m": m, "lr": _scalar(lr)}
     if clip_scale is not None:
-        named["scale"] = clip_scale_operand(clip_scale, grads[0].dtype if grads else jnp.float32)
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads, scale_float32))
     out = _invoke(call, named, grads)
     return out[0], out[1]
+
+
+def sgd_pack_update(ps: Sequence[jax.Array], m: jax.Array, grads: Sequence[jax.Array], *, lr: Any,
+                    momentum: float, nesterov: bool = False, weight_decay: float | None = None,
+                    clip_scale: Any = None, scale_float32: bool = False) -> tuple[list[jax.Array], jax.Array]:
+    """`sgd_update` for variables in buffers of their own (`ps[j]` updated with `grads[j]`) and a packed `m`:
+    returns (new ps, m). Donate ps and m to update them in place."""
+    ps, grads = list(ps), list(grads)
+    _check_pack(ps, m, grads)
+    _check([m], grads)
+    call = sgd_pack_call(len(ps), momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         clip_scale=clip_scale is not None, scale_float32=scale_float32)
+    named = {"m": m, "lr": _scalar(lr)}
+    if clip_scale is not None:
+        named["scale"] = clip_scale_operand(clip_scale, _scale_dtype(grads, scale_float32))
+    out = _invoke(call, named, grads, ps)
+    return list(out[1:]), out[0]

@@ -1,12 +1,13 @@
 """SGD with (Nesterov) momentum as tf-keras 2.21 defines it (`tf_keras/src/optimizers/sgd.py`).
 
-tf-keras always creates the `m` slot (even with `momentum=0`, where it stays zero) and writes the velocity with
-the learning rate folded in: `m = -g*lr + m*momentum`, `var += m` (Nesterov: `var += -g*lr + m*momentum`). Sutskever
-et al., "On the importance of initialization and momentum in deep learning" (2013).
+tf-keras always creates the `m` slot (even with `momentum=0`, where it holds the last step, `-g*lr`) and writes
+the velocity with the learning rate folded in: `m = -g*lr + m*momentum`, `var += m` (Nesterov: `var += -g*lr +
+m*momentum`). Sutskever et al., "On the importance of initialization and momentum in deep learning" (2013).
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -27,6 +28,14 @@ class SGD(Optimizer):
         self.nesterov = nesterov
         if isinstance(momentum, (int, float)) and (momentum < 0 or momentum > 1):
             raise ValueError("`momentum` must be between [0, 1].")
+
+    def kernel_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """What the compiled one-pass SGD kernel needs to run `update_dense` (passes/lower_to_kernels.py): the
+        momentum (rounded to float32 by the kernel, as `tf_cast` rounds it) and nesterov; None for a momentum
+        that is not a Python number."""
+        if not isinstance(self.momentum, numbers.Real):
+            return None
+        return "sgd", {"momentum": float(self.momentum), "nesterov": bool(self.nesterov)}
 
     def update_dense(self, var: jax.Array, grad: jax.Array, state: State, lr: jax.Array, t: jax.Array
                      ) -> tuple[jax.Array, State]:

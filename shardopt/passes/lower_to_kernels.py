@@ -1,15 +1,19 @@
-"""`lower-to-kernels`: each variable's update, marked by the frontend as a `stablehlo.composite "shardopt.adam"`,
-becomes one `stablehlo.custom_call` to the compiled one-pass kernel (shardopt/kernels) where that kernel exists for
-the definition, dtype and platform; every other composite is inlined (its decomposition is today's jnp math), so
-the passes after it see plain StableHLO either way.
+"""`lower-to-kernels`: each update the frontend marks as a `stablehlo.composite "shardopt.<kind>"` (one variable) or
+`"shardopt.<kind>_pack"` (a flat pack) becomes one `stablehlo.custom_call` to the compiled one-pass kernel
+(shardopt/kernels) where that kernel exists for the definition, dtype and platform; every other composite is
+inlined (its decomposition is today's jnp math), so the passes after it see plain StableHLO either way. Kinds:
+Adam/AdamW ("adam") and tf-keras SGD ("sgd"); kernel_lowerings.py says what each lowers to.
 
-Why: XLA:CPU compiles an Adam update into three loops per tensor (~40 bytes per element); the kernel does one
-pass in place (its results alias p, m, v and vhat), 64M float32 elements in ~52 ms instead of ~126 ms.
+Why: XLA:CPU compiles an Adam update into three loops per tensor (~40 bytes per element) and SGD with momentum
+into two (24-28 bytes: m, then the variable re-reading the new m, and the gradient for Nesterov); the kernel
+does one pass in place (its results alias the state: 28 bytes for Adam, 20 for SGD), 64M float32 elements in
+~52 ms instead of ~126 ms for Adam, 0.54-0.75x the StableHLO step for SGD (benchmarks/bench_sgd.py).
 
-What the frontend marks (frontend/step.py `_kernel_composite`): variables kept in buffers of their own, with a
-dense gradient, under a definition whose `kernel_spec()` is not None; operands (var, grad, lr, t, *slots),
-attributes the betas, epsilon, amsgrad, weight decay and the slot names (a pack: one composite,
-frontend/pack_kernel.py). A composite is lowered when
+What the frontend marks (frontend/step.py `_kernel_composite`, frontend/pack_kernel.py): variables kept in
+buffers of their own, with a dense gradient, under a definition whose `kernel_spec()` is not None; operands
+(var, grad, lr, t, *slots), attributes the definition's hyperparameters, weight decay and the slot names; and
+packs whose members all have dense gradients (lr, t, iterations, packed slots, variables, gradients). A
+composite is lowered when
 
 - the library is loaded and has the kernel for the variable's dtype on `platform` (`shardopt.kernels.reason`);
 - the variable and its slots are `@main` arguments (donated by the step contract), so they update in place;
@@ -17,12 +21,12 @@ frontend/pack_kernel.py). A composite is lowered when
   its shards in an `sdy.manual_computation` over every axis (passes/kernel_regions.py), so nothing is gathered.
   Variables whose state is sharded beyond their layout (`shard_state_over`) are not marked.
 
-The kernel's scalars are computed here as Adam does (optimizers/adam.py `_alpha_eps`): alpha = lr * sqrt(1 -
-b2^t) / (1 - b1^t) with float32(beta) constants, eps = float32(epsilon). A global-norm clip scale
-(`g * broadcast(scale)`) is folded into the call's `scale` operand, so the scaled gradient is never written
-(`scale_contracted`: the kernel contracts it as XLA:CPU does, fma(g, scale, -m)); a float32 gradient converted
-from a bfloat16 argument is passed as that argument (the convert is exact).
-Results are bitwise those of the inlined decomposition (tests/test_pass_lower_to_kernels.py).
+The kernel's runtime scalars are computed beside it as the definition does (Adam's alpha and eps, op for op). A
+global-norm clip scale (`g * broadcast(scale)`) is folded into the call's `scale` operand, so the scaled gradient
+is never written (applied as XLA:CPU compiles the step: Adam contracts it, fma(g, scale, -m); SGD keeps the
+float32 product); a float32 gradient converted from a bfloat16 argument is passed as that argument (the convert
+is exact). Results are bitwise those of the inlined decomposition (tests/test_pass_lower_to_kernels.py,
+tests/test_sgd_kernel.py; a pack with a global clip norm within a few ulp, tests/test_pack_kernel.py).
 """
 
 from __future__ import annotations
@@ -32,9 +36,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jax
-import numpy as np
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt import kernels
@@ -42,6 +44,7 @@ from shardopt.kernels import PACK_SUFFIX
 from shardopt.passes import kernel_regions as regions
 from shardopt.passes.base import ModulePass, option
 from shardopt.passes.inline_calls import COMPOSITE_PREFIX, inline_composite
+from shardopt.passes.kernel_lowerings import LOWERINGS
 
 PREFIX = COMPOSITE_PREFIX
 _warned: set[str] = set()
@@ -150,24 +153,9 @@ def _pass_gradient_buffers_through(main: Any, block: ir.Block, packs: set[str]) 
     return freed
 
 
-def _f32_scalar(x: float) -> ir.Value:
-    t = ir.RankedTensorType.get([], ir.F32Type.get())
-    return hlo.ConstantOp(ir.DenseElementsAttr.get(np.asarray(np.float32(x)).reshape(()), type=t)).result
-
-
-def _alpha_eps(a: dict[str, Any], lr: ir.Value, t: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """optimizers/adam.py `_alpha_eps` as scalar StableHLO, op for op (float32 betas, as `_via_float32`)."""
-    one = _f32_scalar(1.0)
-    b1_power = hlo.PowOp(_f32_scalar(a["beta_1"]), t).result
-    b2_power = hlo.PowOp(_f32_scalar(a["beta_2"]), t).result
-    num = hlo.MulOp(lr, hlo.SqrtOp(hlo.SubtractOp(one, b2_power).result).result).result
-    alpha = hlo.DivOp(num, hlo.SubtractOp(one, b1_power).result).result
-    return alpha, _f32_scalar(a["epsilon"])
-
-
 @dataclass(frozen=True)
 class LowerToKernels(ModulePass):
-    """Replaces marked Adam updates by the compiled kernel's custom call; inlines the rest."""
+    """Replaces marked updates (Adam, SGD) by the compiled kernel's custom call; inlines the rest."""
 
     NAME: ClassVar[str] = "lower-to-kernels"
     platform: str = option("auto", "platform the module is compiled for; auto: jax's default backend "
@@ -175,7 +163,8 @@ class LowerToKernels(ModulePass):
     enabled: bool = option(True, "lower where possible; false inlines every composite (the StableHLO path)")
     fold_scale: bool = option(True, "pass a global-norm clip scale to the kernel instead of the scaled gradient")
     pack_scale_contracted: bool = option(True, "a folded clip scale in a pack kernel as XLA:CPU compiles the "
-                                               "fused pack (fma(g, scale, -m)); false: g*scale rounded first")
+                                               "fused pack (Adam: fma(g, scale, -m)); false: g*scale rounded "
+                                               "to the gradient dtype first")
     assume_available: bool = option(False, "emit the custom call even where this process has no kernel library "
                                            "(FileCheck, compiling for another machine)")
 
@@ -229,12 +218,12 @@ class LowerToKernels(ModulePass):
         why = self._unavailable(kind, dtype)
         if why is not None:
             return why
-        if kind != "adam":
+        lowering = LOWERINGS.get(kind)
+        if lowering is None:
             return f"no lowering of shardopt.{kind} composites"
         names = a["slots"].split(",") if a.get("slots") else []
-        expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
-        if names != expected or len(slots) != len(names):
-            return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
+        if names != lowering.slots(a) or len(slots) != len(names):
+            return f"unexpected slots {names} for shardopt.{kind} (the kernel takes {lowering.slots(a)})"
         why = _state_problem([var, *slots], main, block, axes)
         if why is not None:
             return why
@@ -243,26 +232,17 @@ class LowerToKernels(ModulePass):
             return "slots or gradient of another shape than the variable"
         g, scale = _split_scale(grad) if self.fold_scale else (grad, None)
         g = _unconverted(g)  # the kernel converts a bfloat16 gradient exactly (and scales it in float32)
-        call = kernels.adam_call(beta_1=a["beta_1"], beta_2=a["beta_2"], amsgrad=a["amsgrad"],
-                                 weight_decay=a["weight_decay"] if a["has_weight_decay"] else None,
-                                 clip_scale=scale is not None, scale_contracted=True)
+        call = lowering.call(a, None, scale is not None, True)
         shardings = regions.call_shardings(call, dict.fromkeys(("p", *names), var), [var], main, block, axes)
         if isinstance(shardings, str):
             return shardings
         with ir.InsertionPoint(op), op.location:
-            alpha, eps = _alpha_eps(a, lr, t)
-            named = {"p": var, "m": slots[0], "v": slots[1], "alpha": alpha, "eps": eps, "lr": lr, "scale": scale}
-            if a["amsgrad"]:
-                named["vhat"] = slots[2]
+            named = {"p": var, **dict(zip(names, slots, strict=True)), "lr": lr, "scale": scale,
+                     **lowering.scalars(a, lr, t)}
             kop = regions.emit(call, [named[n] for n in call.operands] + [g], shardings, axes)
-        for old, new in zip(op.results, kop.results, strict=True):
-            old.replace_all_uses_with(new)
-        op.erase()
-        stats["lowered"] += 1
+        _replace(op, kop)
+        _count(stats, call, scale, [g])
         stats["per_device"] += shardings is not None
-        stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
-        stats["scales_folded"] += scale is not None
-        stats["bf16_gradients"] += _element_type(g) == "bf16"
         return None
 
     def _lower_pack(self, op: ir.Operation, kind: str, a: dict[str, Any], main: Any, block: ir.Block,
@@ -277,11 +257,11 @@ class LowerToKernels(ModulePass):
         why = self._unavailable(kind, dtype)
         if why is not None:
             return why
-        if kind != "adam" + PACK_SUFFIX:
+        lowering = LOWERINGS.get(kind[:-len(PACK_SUFFIX)])
+        if lowering is None:
             return f"no lowering of shardopt.{kind} composites"
-        expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
-        if names != expected or len(grads) != k:
-            return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
+        if names != lowering.slots(a) or len(grads) != k:
+            return f"unexpected slots {names} for shardopt.{kind} (the kernel takes {lowering.slots(a)})"
         why = _state_problem([*slots, *ps], main, block, axes)
         if why is not None:
             return why
@@ -291,28 +271,31 @@ class LowerToKernels(ModulePass):
         unconverted = [_unconverted(x) for x in g]
         if len({_element_type(x) for x in unconverted}) == 1:
             g = unconverted  # the kernel converts bfloat16 gradients exactly (and scales them in float32)
-        call = kernels.adam_pack_call(k, beta_1=a["beta_1"], beta_2=a["beta_2"], amsgrad=a["amsgrad"],
-                                      weight_decay=a["weight_decay"] if a["has_weight_decay"] else None,
-                                      clip_scale=scale is not None, scale_contracted=self.pack_scale_contracted)
+        call = lowering.call(a, k, scale is not None, self.pack_scale_contracted)
         shardings = regions.call_shardings(call, dict(zip(names, slots, strict=True)), [*ps, *ps], main, block, axes,
                                            pack=True)
         if isinstance(shardings, str):
             return shardings
         with ir.InsertionPoint(op), op.location:
-            alpha, eps = _alpha_eps(a, lr, t)
-            named = {"m": slots[0], "v": slots[1], "alpha": alpha, "eps": eps, "lr": lr, "scale": scale}
-            if a["amsgrad"]:
-                named["vhat"] = slots[2]
+            named = {**dict(zip(names, slots, strict=True)), "lr": lr, "scale": scale, **lowering.scalars(a, lr, t)}
             kop = regions.emit(call, [named[n] for n in call.operands] + list(ps) + list(g), shardings, axes)
-        for old, new in zip(op.results, kop.results, strict=True):
-            old.replace_all_uses_with(new)
-        op.erase()
-        stats["lowered"] += 1
+        _replace(op, kop)
+        _count(stats, call, scale, g)
         stats["per_device"] += shardings is not None
         stats["packs_lowered"] = stats.get("packs_lowered", 0) + 1
         stats["pack_members"] = stats.get("pack_members", 0) + k
-        stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
-        stats["scales_folded"] += scale is not None
-        stats["bf16_gradients"] += _element_type(g[0]) == "bf16" if g else 0
         stats.setdefault("lowered_packs", set()).add(str(a["pack"]))  # their gradient buffers: in run(), all at once
         return None
+
+
+def _replace(op: ir.Operation, kop: ir.Operation) -> None:
+    for old, new in zip(op.results, kop.results, strict=True):
+        old.replace_all_uses_with(new)
+    op.erase()
+
+
+def _count(stats: dict[str, Any], call: kernels.KernelCall, scale: ir.Value | None, grads: list[ir.Value]) -> None:
+    stats["lowered"] += 1
+    stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
+    stats["scales_folded"] += scale is not None
+    stats["bf16_gradients"] += bool(grads) and _element_type(grads[0]) == "bf16"

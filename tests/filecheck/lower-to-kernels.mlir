@@ -237,6 +237,59 @@ module @row_pack {
 
 // -----
 
+// tf-keras SGD with Nesterov momentum and weight decay, its gradient scaled by a global-norm clip scale: one
+// `shardopt_sgd_update` call updating p and m in place (results alias operands 0 and 1). Its scalars are the
+// learning rate and the scale (the scaled gradient is never written); momentum and weight decay are float32
+// attributes, and the scale is applied as the step computes it (`scale_float32`).
+// CHECK-LABEL: module @sgd_nesterov_clipped
+// CHECK-NOT:     stablehlo.composite
+// CHECK:         %[[K:.*]]:2 = stablehlo.custom_call @shardopt_sgd_update(%arg0, %arg2, %arg4, %arg5, %arg1)
+// CHECK-SAME:      mhlo.backend_config = {has_scale = true, has_weight_decay = true, momentum = 0.899999976 : f32, nesterov = true, scale_float32 = true, weight_decay = 0.00999999977 : f32}
+// CHECK-SAME:      output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [0], operand_index = 0, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [1], operand_index = 1, operand_tuple_indices = []>]
+// CHECK-SAME:      (tensor<4x8xf32>, tensor<4x8xf32>, tensor<f32>, tensor<f32>, tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>)
+// CHECK:         return %[[K]]#0, %[[K]]#1
+// INLINE-LABEL: module @sgd_nesterov_clipped
+// INLINE-NOT:     stablehlo.custom_call
+// INLINE:         %[[G:.*]] = stablehlo.multiply %arg1, %{{.*}} : tensor<4x8xf32>
+// INLINE:         stablehlo.negate %[[G]] : tensor<4x8xf32>
+// INLINE:         %[[M:.*]] = stablehlo.add
+// INLINE-NEXT:    stablehlo.multiply %[[M]]
+// INLINE-NEXT:    stablehlo.add
+// INLINE-NEXT:    %[[P:.*]] = stablehlo.add %{{.*}}, %{{.*}} : tensor<4x8xf32>
+// INLINE-NEXT:    return %[[P]], %[[M]]
+module @sgd_nesterov_clipped {
+  sdy.mesh @mesh = <["replica"=1]>
+  func.func public @main(%arg0: tensor<4x8xf32> {shardopt.role = "variable", tf.aliasing_output = 0 : i32}, %arg1: tensor<4x8xf32> {shardopt.role = "gradient"}, %arg2: tensor<4x8xf32> {shardopt.role = "slot", tf.aliasing_output = 1 : i32}, %arg3: tensor<i32>, %arg4: tensor<f32>, %arg5: tensor<f32>) -> (tensor<4x8xf32>, tensor<4x8xf32>) {
+    %c = stablehlo.constant dense<1> : tensor<i32>
+    %0 = stablehlo.broadcast_in_dim %arg5, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %1 = stablehlo.multiply %arg1, %0 : tensor<4x8xf32>
+    %2 = stablehlo.add %arg3, %c : tensor<i32>
+    %3 = stablehlo.convert %2 : (tensor<i32>) -> tensor<f32>
+    %4:2 = stablehlo.composite "shardopt.sgd" %arg0, %1, %arg4, %3, %arg2 {composite_attributes = {has_weight_decay = true, momentum = 9.000000e-01 : f64, nesterov = true, slots = "m", weight_decay = 1.000000e-02 : f64}, decomposition = @shardopt.sgd} : (tensor<4x8xf32>, tensor<4x8xf32>, tensor<f32>, tensor<f32>, tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>)
+    return %4#0, %4#1 : tensor<4x8xf32>, tensor<4x8xf32>
+  }
+  func.func private @shardopt.sgd(%arg0: tensor<4x8xf32>, %arg1: tensor<4x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<4x8xf32>) -> (tensor<4x8xf32>, tensor<4x8xf32>) {
+    %cst = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %cst_0 = stablehlo.constant dense<0.00999999977> : tensor<f32>
+    %0 = stablehlo.broadcast_in_dim %cst_0, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %1 = stablehlo.multiply %arg0, %0 : tensor<4x8xf32>
+    %2 = stablehlo.broadcast_in_dim %arg2, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %3 = stablehlo.multiply %1, %2 : tensor<4x8xf32>
+    %4 = stablehlo.subtract %arg0, %3 : tensor<4x8xf32>
+    %5 = stablehlo.negate %arg1 : tensor<4x8xf32>
+    %6 = stablehlo.multiply %5, %2 : tensor<4x8xf32>
+    %7 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %8 = stablehlo.multiply %arg4, %7 : tensor<4x8xf32>
+    %9 = stablehlo.add %6, %8 : tensor<4x8xf32>
+    %10 = stablehlo.multiply %9, %7 : tensor<4x8xf32>
+    %11 = stablehlo.add %6, %10 : tensor<4x8xf32>
+    %12 = stablehlo.add %4, %11 : tensor<4x8xf32>
+    return %12, %9 : tensor<4x8xf32>, tensor<4x8xf32>
+  }
+}
+
+// -----
+
 // What cannot run per device stays StableHLO, the reason in the statistics: 6 rows do not split over 4 devices.
 // CHECK-LABEL: module @not_divisible
 // CHECK-NOT:     sdy.manual_computation
@@ -252,5 +305,68 @@ module @not_divisible {
   }
   func.func private @shardopt.adam(%arg0: tensor<6x8xf32>, %arg1: tensor<6x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<6x8xf32>, %arg5: tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
     return %arg4, %arg5, %arg0 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
+  }
+}
+
+// -----
+
+// A flat pack of two bfloat16 variables: one `shardopt_sgd_pack_update` call takes the packed m, then lr, then
+// each member's own variable and its bfloat16 gradient argument (not the float32 converts); results are m and the
+// variables, each aliasing its operand. The pack's gradient buffer is returned as it came in, so the gather of
+// the gradients is dead.
+// CHECK-LABEL: module @sgd_pack_bf16
+// CHECK-NOT:     stablehlo.composite
+// CHECK:         %[[K:.*]]:3 = stablehlo.custom_call @shardopt_sgd_pack_update(%arg4, %arg7, %arg0, %arg1, %arg2, %arg3)
+// CHECK-SAME:      mhlo.backend_config = {has_scale = false, has_weight_decay = false, momentum = 0.899999976 : f32, nesterov = false, scale_float32 = false, weight_decay = 0.000000e+00 : f32}
+// CHECK-SAME:      output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [0], operand_index = 0, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [1], operand_index = 2, operand_tuple_indices = []>, #stablehlo.output_operand_alias<output_tuple_indices = [2], operand_index = 3, operand_tuple_indices = []>]
+// CHECK-SAME:      (tensor<8xbf16>, tensor<f32>, tensor<3xbf16>, tensor<5xbf16>, tensor<3xbf16>, tensor<5xbf16>) -> (tensor<8xbf16>, tensor<3xbf16>, tensor<5xbf16>)
+// CHECK:         return %[[K]]#1, %[[K]]#2, %[[K]]#0, %arg5, %{{.*}}, %arg7
+// INLINE-LABEL: module @sgd_pack_bf16
+// INLINE-NOT:     stablehlo.custom_call
+// INLINE:         stablehlo.slice %arg4 [0:3]
+// INLINE:         %[[M:.*]] = stablehlo.concatenate %{{.*}}, %{{.*}}, dim = 0 : (tensor<3xbf16>, tensor<5xbf16>) -> tensor<8xbf16>
+// INLINE:         %[[G:.*]] = stablehlo.concatenate %arg2, %arg3, dim = 0
+// INLINE:         return %{{.*}}, %{{.*}}, %[[M]], %[[G]]
+module @sgd_pack_bf16 {
+  sdy.mesh @mesh = <["replica"=1]>
+  func.func public @main(%arg0: tensor<3xbf16> {shardopt.role = "variable", tf.aliasing_output = 0 : i32}, %arg1: tensor<5xbf16> {shardopt.role = "variable", tf.aliasing_output = 1 : i32}, %arg2: tensor<3xbf16> {shardopt.role = "gradient"}, %arg3: tensor<5xbf16> {shardopt.role = "gradient"}, %arg4: tensor<8xbf16> {shardopt.pack = "@pack0/bfloat16", shardopt.role = "slot", tf.aliasing_output = 2 : i32}, %arg5: tensor<8xbf16> {shardopt.pack = "@pack0/bfloat16", shardopt.role = "gradient_buffer", tf.aliasing_output = 3 : i32}, %arg6: tensor<i32>, %arg7: tensor<f32>) -> (tensor<3xbf16>, tensor<5xbf16>, tensor<8xbf16>, tensor<8xbf16> {shardopt.pack = "@pack0/bfloat16", shardopt.role = "gradient_buffer"}, tensor<i32>, tensor<f32>) {
+    %c = stablehlo.constant dense<1> : tensor<i32>
+    %0 = stablehlo.convert %arg2 : (tensor<3xbf16>) -> tensor<3xf32>
+    %1 = stablehlo.convert %arg3 : (tensor<5xbf16>) -> tensor<5xf32>
+    %2 = stablehlo.add %arg6, %c : tensor<i32>
+    %3 = stablehlo.convert %2 : (tensor<i32>) -> tensor<f32>
+    %4:3 = stablehlo.composite "shardopt.sgd_pack" %arg7, %3, %arg6, %arg4, %arg0, %arg1, %0, %1 {composite_attributes = {has_weight_decay = false, members = 2 : i64, momentum = 9.000000e-01 : f64, nesterov = false, pack = "@pack0/bfloat16", slots = "m", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.sgd_pack} : (tensor<f32>, tensor<f32>, tensor<i32>, tensor<8xbf16>, tensor<3xbf16>, tensor<5xbf16>, tensor<3xf32>, tensor<5xf32>) -> (tensor<8xbf16>, tensor<3xbf16>, tensor<5xbf16>)
+    %5 = stablehlo.concatenate %arg2, %arg3, dim = 0 : (tensor<3xbf16>, tensor<5xbf16>) -> tensor<8xbf16>
+    %6 = stablehlo.add %arg6, %c : tensor<i32>
+    return %4#1, %4#2, %4#0, %5, %6, %arg7 : tensor<3xbf16>, tensor<5xbf16>, tensor<8xbf16>, tensor<8xbf16>, tensor<i32>, tensor<f32>
+  }
+  func.func private @shardopt.sgd_pack(%arg0: tensor<f32>, %arg1: tensor<f32>, %arg2: tensor<i32>, %arg3: tensor<8xbf16>, %arg4: tensor<3xbf16>, %arg5: tensor<5xbf16>, %arg6: tensor<3xf32>, %arg7: tensor<5xf32>) -> (tensor<8xbf16>, tensor<3xbf16>, tensor<5xbf16>) {
+    %cst = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %0 = stablehlo.slice %arg3 [0:3] : (tensor<8xbf16>) -> tensor<3xbf16>
+    %1 = stablehlo.convert %arg4 : (tensor<3xbf16>) -> tensor<3xf32>
+    %2 = stablehlo.convert %0 : (tensor<3xbf16>) -> tensor<3xf32>
+    %3 = stablehlo.negate %arg6 : tensor<3xf32>
+    %4 = stablehlo.broadcast_in_dim %arg0, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %5 = stablehlo.multiply %3, %4 : tensor<3xf32>
+    %6 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %7 = stablehlo.multiply %2, %6 : tensor<3xf32>
+    %8 = stablehlo.add %5, %7 : tensor<3xf32>
+    %9 = stablehlo.add %1, %8 : tensor<3xf32>
+    %10 = stablehlo.convert %8 : (tensor<3xf32>) -> tensor<3xbf16>
+    %11 = stablehlo.convert %9 : (tensor<3xf32>) -> tensor<3xbf16>
+    %12 = stablehlo.slice %arg3 [3:8] : (tensor<8xbf16>) -> tensor<5xbf16>
+    %13 = stablehlo.convert %arg5 : (tensor<5xbf16>) -> tensor<5xf32>
+    %14 = stablehlo.convert %12 : (tensor<5xbf16>) -> tensor<5xf32>
+    %15 = stablehlo.negate %arg7 : tensor<5xf32>
+    %16 = stablehlo.broadcast_in_dim %arg0, dims = [] : (tensor<f32>) -> tensor<5xf32>
+    %17 = stablehlo.multiply %15, %16 : tensor<5xf32>
+    %18 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<5xf32>
+    %19 = stablehlo.multiply %14, %18 : tensor<5xf32>
+    %20 = stablehlo.add %17, %19 : tensor<5xf32>
+    %21 = stablehlo.add %13, %20 : tensor<5xf32>
+    %22 = stablehlo.convert %20 : (tensor<5xf32>) -> tensor<5xbf16>
+    %23 = stablehlo.convert %21 : (tensor<5xf32>) -> tensor<5xbf16>
+    %24 = stablehlo.concatenate %10, %22, dim = 0 : (tensor<3xbf16>, tensor<5xbf16>) -> tensor<8xbf16>
+    return %24, %11, %23 : tensor<8xbf16>, tensor<3xbf16>, tensor<5xbf16>
   }
 }
