@@ -171,7 +171,7 @@ def test_without_the_library_keeps_stablehlo_and_warns_once(monkeypatch):
     assert first.final_text == second.final_text == run_pipeline(program.lowered.module_text, OFF).final_text
 
 
-def test_not_marked_for_a_sparse_gradient_or_sharded_state(mesh):
+def test_not_marked_for_a_sparse_gradient_and_per_device_for_sharded_state(mesh):
     emb = shardopt.Variable(np.ones((100, 8), np.float32), name="emb")
     opt = shardopt.SGD(0.1, momentum=0.9)
     opt.pack_max_elements = 0
@@ -183,8 +183,20 @@ def test_not_marked_for_a_sparse_gradient_or_sharded_state(mesh):
     sharded = shardopt.SGD(0.1, momentum=0.9, mesh=mesh)
     sharded.pack_max_elements = 0
     stats = sharded.program_for([(np.ones((64, 8), np.float32), w)]).pipeline.stage(PASS).stats
-    assert stats["lowered"] == 0 and stats["left"] == {
-        "variable sharded over the mesh (the kernel updates whole tensors)": 1}, stats
+    # a sharded variable's update runs per device on its shards (passes/kernel_regions.py), bitwise as XLA's
+    assert stats["lowered"] == stats["per_device"] == 1 and stats["left"] == {}, stats
+    rng = np.random.default_rng(3)
+    grads = [rng.normal(size=(64, 8)).astype(np.float32) for _ in range(3)]
+    values = []
+    for pipeline in (DEFAULT_PIPELINE, OFF):
+        v = shardopt.Variable(np.ones((64, 8), np.float32), name="w",
+                              layout=shardopt.Layout(["model", shardopt.UNSHARDED], mesh))
+        opt = shardopt.SGD(0.1, momentum=0.9, nesterov=True, mesh=mesh)
+        opt.pack_max_elements, opt.pipeline = 0, pipeline
+        for g in grads:
+            opt.apply_gradients([(g, v)])
+        values.append(np.asarray(v.value))
+    np.testing.assert_array_equal(bits(values[0]), bits(values[1]))
 
 
 def test_artifact_records_the_sgd_kernels_and_inspect_shows_them(tmp_path, monkeypatch):

@@ -71,7 +71,6 @@ module @adam_f32 {
     return %22, %10, %15 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
   }
 }
-
 // -----
 
 // A bfloat16 variable with a global-norm clip scale: the kernel reads the bfloat16 gradient argument (not its
@@ -139,8 +138,6 @@ module @adam_bf16_clipped {
     return %26, %27, %28 : tensor<4x8xbf16>, tensor<4x8xbf16>, tensor<4x8xbf16>
   }
 }
-
-
 // -----
 
 // A variable sharded over a mesh axis of size 4 (its slots unannotated yet: propagate-layouts gives them the
@@ -203,7 +200,6 @@ module @sharded {
     return %22, %10, %15 : tensor<4x8xf32>, tensor<4x8xf32>, tensor<4x8xf32>
   }
 }
-
 // -----
 
 // A pack of rows sharded on dim 0 (core/packing.py: slots [S, N/S], row k = device k's blocks of the members in
@@ -234,7 +230,25 @@ module @row_pack {
     return %arg3, %arg4, %arg5, %arg6 : tensor<2x7xf32>, tensor<2x7xf32>, tensor<4x3xf32>, tensor<2xf32>
   }
 }
+// -----
 
+// What cannot run per device stays StableHLO, the reason in the statistics: 6 rows do not split over 4 devices.
+// CHECK-LABEL: module @not_divisible
+// CHECK-NOT:     sdy.manual_computation
+// CHECK-NOT:     stablehlo.custom_call
+// CHECK:         return %arg1, %arg2, %arg0
+// INLINE-LABEL: module @not_divisible
+// INLINE:         return %arg1, %arg2, %arg0
+module @not_divisible {
+  sdy.mesh @mesh = <["model"=4]>
+  func.func public @main(%arg0: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg1: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg2: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg3: tensor<6x8xf32>, %arg4: tensor<f32>, %arg5: tensor<f32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
+    %0:3 = stablehlo.composite "shardopt.adam" %arg0, %arg3, %arg5, %arg4, %arg1, %arg2 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam} : (tensor<6x8xf32>, tensor<6x8xf32>, tensor<f32>, tensor<f32>, tensor<6x8xf32>, tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>)
+    return %0#0, %0#1, %0#2 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
+  }
+  func.func private @shardopt.adam(%arg0: tensor<6x8xf32>, %arg1: tensor<6x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<6x8xf32>, %arg5: tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
+    return %arg4, %arg5, %arg0 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
+  }
+}
 // -----
 
 // tf-keras SGD with Nesterov momentum and weight decay, its gradient scaled by a global-norm clip scale: one
@@ -287,27 +301,6 @@ module @sgd_nesterov_clipped {
     return %12, %9 : tensor<4x8xf32>, tensor<4x8xf32>
   }
 }
-
-// -----
-
-// What cannot run per device stays StableHLO, the reason in the statistics: 6 rows do not split over 4 devices.
-// CHECK-LABEL: module @not_divisible
-// CHECK-NOT:     sdy.manual_computation
-// CHECK-NOT:     stablehlo.custom_call
-// CHECK:         return %arg1, %arg2, %arg0
-// INLINE-LABEL: module @not_divisible
-// INLINE:         return %arg1, %arg2, %arg0
-module @not_divisible {
-  sdy.mesh @mesh = <["model"=4]>
-  func.func public @main(%arg0: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg1: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg2: tensor<6x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}, %arg3: tensor<6x8xf32>, %arg4: tensor<f32>, %arg5: tensor<f32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
-    %0:3 = stablehlo.composite "shardopt.adam" %arg0, %arg3, %arg5, %arg4, %arg1, %arg2 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam} : (tensor<6x8xf32>, tensor<6x8xf32>, tensor<f32>, tensor<f32>, tensor<6x8xf32>, tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>)
-    return %0#0, %0#1, %0#2 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
-  }
-  func.func private @shardopt.adam(%arg0: tensor<6x8xf32>, %arg1: tensor<6x8xf32>, %arg2: tensor<f32>, %arg3: tensor<f32>, %arg4: tensor<6x8xf32>, %arg5: tensor<6x8xf32>) -> (tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>) {
-    return %arg4, %arg5, %arg0 : tensor<6x8xf32>, tensor<6x8xf32>, tensor<6x8xf32>
-  }
-}
-
 // -----
 
 // A flat pack of two bfloat16 variables: one `shardopt_sgd_pack_update` call takes the packed m, then lr, then
