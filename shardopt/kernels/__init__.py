@@ -13,6 +13,8 @@ when a C++ compiler is present (setup.py); a pass asks `available()` and keeps t
 - `shardopt.kernels.stablehlo.custom_call(call, operands)`: that op built with jaxlib's MLIR bindings, attribute
   for attribute what `jax.ffi.ffi_call` lowers to.
 - `adam_update(...)` / `sgd_update(...)`: jax functions on `jax.ffi.ffi_call` (tests, benchmarks, embedding).
+- `sumsq_call()` / `sumsq(xs)`: the sum of squares of many gradient buffers in one pass, in the fixed order
+  that `passes/fixed_order_norm.py` writes in StableHLO (a global clip norm reads each gradient once, in place).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from shardopt.kernels.calls import (
     clip_scale_operand,
     sgd_call,
     sgd_update,
+    sumsq,
+    sumsq_call,
 )
 
-KERNELS = {"adam": "shardopt_adam_update", "adam_pack": "shardopt_adam_pack_update", "sgd": "shardopt_sgd_update"}
+KERNELS = {"adam": "shardopt_adam_update", "adam_pack": "shardopt_adam_pack_update", "sgd": "shardopt_sgd_update",
+           "sumsq": "shardopt_sumsq"}
 PACK_SUFFIX = "_pack"  # "adam_pack": the kernel of a pack whose variables stay in buffers of their own
 DTYPES = ("float32", "bfloat16")
 PLATFORMS = ("cpu",)
@@ -42,7 +47,7 @@ PLATFORMS = ("cpu",)
 __all__ = [
     "DTYPES", "KERNELS", "PACK_SUFFIX", "KernelCall", "PLATFORMS", "adam_call", "adam_pack_call", "adam_pack_update",
     "adam_update", "available", "clip_scale_operand",
-    "info", "module_kernels", "reason", "sgd_call", "sgd_update", "target_reason",
+    "info", "module_kernels", "reason", "sgd_call", "sgd_update", "sumsq", "sumsq_call", "target_reason",
 ]
 
 

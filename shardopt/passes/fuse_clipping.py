@@ -58,6 +58,7 @@ from shardopt.passes.norm_trees import (
     match_sum_of_squares,
     reduce_packed_gradients,
     single_add_user,
+    sum_flat_pack_gradients,
     tree_leaves,
 )
 
@@ -82,6 +83,8 @@ class FuseClipping(ModulePass):
         ops_before = sum(sir.op_counts(module).values())
         found = [m for op in block.operations if (m := match_sum_of_squares(op.operation)) is not None]
         found, packed = reduce_packed_gradients(block, found)
+        found, flat_packs = sum_flat_pack_gradients(module, found)
+        packed += flat_packs
         layouts = fir.Shardings(module)
         mesh = sir.mesh_axes(module)
         groups: dict[tuple[str, Any, int], list[SumOfSquares]] = {}

@@ -37,9 +37,12 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 from shardopt import ir as sir
 from shardopt import kernels
 from shardopt.kernels import PACK_SUFFIX
+from shardopt.kernels.calls import SUMSQ_TARGET
 from shardopt.kernels.stablehlo import custom_call
 from shardopt.passes.base import ModulePass, option
+from shardopt.passes.fixed_order_norm import kernel_sumsq
 from shardopt.passes.inline_calls import COMPOSITE_PREFIX, inline_composite
+from shardopt.passes.norm_trees import f32_zero, global_norm_members, replace_member_sums
 
 PREFIX = COMPOSITE_PREFIX
 _warned: set[str] = set()
@@ -175,6 +178,8 @@ class LowerToKernels(ModulePass):
     fold_scale: bool = option(True, "pass a global-norm clip scale to the kernel instead of the scaled gradient")
     pack_scale_contracted: bool = option(True, "a folded clip scale in a pack kernel as XLA:CPU compiles the "
                                                "fused pack (fma(g, scale, -m)); false: g*scale rounded first")
+    norms: bool = option(True, "a global norm over a pack's members as one shardopt_sumsq call reading the "
+                               "gradients in place, in the fixed order fuse-clipping writes for the packed gradient")
     assume_available: bool = option(False, "emit the custom call even where this process has no kernel library "
                                            "(FileCheck, compiling for another machine)")
 
@@ -255,6 +260,23 @@ class LowerToKernels(ModulePass):
         stats["bf16_gradients"] += _element_type(g) == "bf16"
         return None
 
+    def _lower_pack_norm(self, block: ir.Block, xs: list[ir.Value], operands: list[ir.Value],
+                         stats: dict[str, Any]) -> None:
+        """The global norm's sums of squares of the pack's gradients `xs` as one `shardopt_sumsq` reading the
+        gradient buffers `operands` in place, in the order fuse-clipping sums the packed gradient on the
+        StableHLO path (fixed_order_norm.py): both paths compute the same scale, and no gradient is gathered."""
+        members = global_norm_members(block, xs)
+        why = "norm: not one global norm over the pack" if members is None else self._unavailable("sumsq", "float32")
+        if why is not None:
+            stats["left"][why] = stats["left"].get(why, 0) + 1
+            return
+        reduces = {m.reduce for m in members}
+        first = next(op.operation for op in block.operations if op.operation in reduces)
+        with ir.InsertionPoint(first), first.location:
+            replace_member_sums(members, kernel_sumsq(operands), f32_zero())
+        stats["norms_lowered"] = stats.get("norms_lowered", 0) + 1
+        stats["kernels"][SUMSQ_TARGET] = stats["kernels"].get(SUMSQ_TARGET, 0) + 1
+
     def _lower_pack(self, op: ir.Operation, kind: str, a: dict[str, Any], main: Any, block: ir.Block,
                     axes: dict[str, int], stats: dict[str, Any]) -> str | None:
         """A pack's composite (frontend/pack_kernel.py: lr, t, iterations, packed slots, variables, gradients)
@@ -278,9 +300,12 @@ class LowerToKernels(ModulePass):
         if any(_element_type(p) != _element_type(slots[0]) for p in ps):
             return "variables of another dtype than their packed slots"
         g, scale = _common_scale(grads) if self.fold_scale else (grads, None)
+        unscaled = g
         unconverted = [_unconverted(x) for x in g]
         if len({_element_type(x) for x in unconverted}) == 1:
             g = unconverted  # the kernel converts bfloat16 gradients exactly (and scales them in float32)
+        if scale is not None and self.norms:
+            self._lower_pack_norm(block, unscaled, g, stats)
         call = kernels.adam_pack_call(k, beta_1=a["beta_1"], beta_2=a["beta_2"], amsgrad=a["amsgrad"],
                                       weight_decay=a["weight_decay"] if a["has_weight_decay"] else None,
                                       clip_scale=scale is not None, scale_contracted=self.pack_scale_contracted)

@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 
 namespace shardopt_kernels {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 struct Bf16 {
   uint16_t bits;
@@ -190,18 +190,20 @@ struct Shared {
   }
 };
 
+// Runs chunk_body(begin, end) over [0, n) in pieces of `chunk`, on the pool's threads unless `serial`.
 template <typename F>
-static void ParallelChunks(ffi::ThreadPool& pool, int64_t n, F&& chunk_body /* (begin, end) */) {
+static void ParallelRanges(ffi::ThreadPool& pool, int64_t n, int64_t chunk, bool serial,
+                           F&& chunk_body /* (begin, end) */) {
   if (n <= 0) return;
   auto whole = [&](int64_t c) {
-    const int64_t a = c * kChunk;
-    const int64_t b = a + kChunk < n ? a + kChunk : n;
+    const int64_t a = c * chunk;
+    const int64_t b = a + chunk < n ? a + chunk : n;
     ScopedFlushDenormal flush;
     chunk_body(a, b);
   };
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  const int64_t nchunks = (n + chunk - 1) / chunk;
   int64_t helpers = pool.num_threads();
-  if (n < kSerialBelow || helpers <= 0) {
+  if (serial || helpers <= 0) {
     for (int64_t c = 0; c < nchunks; ++c) whole(c);
     return;
   }
@@ -217,6 +219,11 @@ static void ParallelChunks(ffi::ThreadPool& pool, int64_t n, F&& chunk_body /* (
   shared->Drain();
   std::unique_lock<std::mutex> lock(shared->mu);
   shared->cv.wait(lock, [&] { return shared->done.load(std::memory_order_acquire) == nchunks; });
+}
+
+template <typename F>
+static void ParallelChunks(ffi::ThreadPool& pool, int64_t n, F&& chunk_body /* (begin, end) */) {
+  ParallelRanges(pool, n, kChunk, n < kSerialBelow, chunk_body);
 }
 
 // ---- operand decoding -----------------------------------------------------------------------------------
@@ -486,6 +493,82 @@ static ffi::Error SgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer p, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+// ---- sum of squares ------------------------------------------------------------------------------------
+
+// The sum of squares of the flattened concatenation x of the operands (N elements), in the one order that
+// shardopt's StableHLO formulation (passes/fixed_order_norm.py) also spells out, so both give the same bits:
+//   W = min(kSumsqLanes, the power of two >= N) lanes, acc[w] = +0;
+//   for b = 0, 1, ...: acc[w] = x[b*W + w] * x[b*W + w] + acc[w] for every b*W + w < N (one FMA where XLA:CPU
+//   contracts it, as MulAdd); then W halves until one lane is left: acc[w] = acc[w] + acc[w + W/2].
+// Threads split the lanes (each tile of kSumsqTile lanes runs through every b), so the order does not depend
+// on the thread count. Squares are float32 (bfloat16 operands converted exactly).
+constexpr int64_t kSumsqLanes = int64_t{1} << 16;  // must equal shardopt.kernels.calls.SUMSQ_LANES
+constexpr int64_t kSumsqTile = 4096;
+
+static int64_t SumsqWidth(int64_t n) {
+  int64_t w = 1;
+  while (w < n && w < kSumsqLanes) w *= 2;
+  return w;
+}
+
+// Operands: g_0 ... g_{K-1}, all float32 or all bfloat16; result: the float32 scalar sum of their squares.
+static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->element_type() != ffi::DataType::F32 || out->element_count() != 1)
+    return ffi::Error::InvalidArgument("the sum of squares is a float32 scalar");
+  Segments seg;
+  int64_t n = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto b = args.get<ffi::AnyBuffer>(i);
+    if (b.has_value()) n += static_cast<int64_t>(b->element_count());
+  }
+  auto gt = Gradients(args, 0, n, &seg);
+  if (gt.has_error()) return gt.error();
+  const int64_t w = SumsqWidth(n);
+  std::vector<float> acc(static_cast<size_t>(w), 0.f);
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  int64_t width = w;
+  if (n < w) {
+    // No whole row (N < W < 2N): XLA:CPU folds `+0 + x*x` and fuses the squares into the first halving add,
+    // where LLVM contracts the first of its two products: acc[i] = fma(x[i], x[i], x[i + W/2]^2).
+    std::vector<float> x(static_cast<size_t>(w), 0.f);
+    for (size_t j = 0; j < seg.data.size(); ++j) {
+      const int64_t at = seg.offset[j], count = seg.offset[j + 1] - at;
+      for (int64_t i = 0; i < count; ++i)
+        x[at + i] = *gt == ffi::DataType::F32 ? static_cast<const float*>(seg.data[j])[i]
+                                              : Load(static_cast<const Bf16*>(seg.data[j])[i]);
+    }
+    ScopedFlushDenormal flush;
+    width = w / 2;
+    for (int64_t i = 0; i < width; ++i) {
+      const float hi = x[i + width] * x[i + width];
+      acc[i] = isa == kAvx2Fma ? std::fma(x[i], x[i], hi) : x[i] * x[i] + hi;
+    }
+  }
+  auto lanes = [&](auto g_tag) {
+    using G = decltype(g_tag);
+    auto run = isa == kAvx2Fma ? &avx2_fma::SumsqRun<G> : &baseline::SumsqRun<G>;
+    ParallelRanges(pool, w, kSumsqTile, n < kSerialBelow, [&](int64_t a, int64_t b) {
+      for (int64_t base = 0; base + a < n; base += w) {
+        const int64_t end = base + b < n ? base + b : n;
+        ForEachPiece(seg, base + a, end, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t) {
+          run(acc.data() + (at - base), static_cast<const G*>(g) + gat, count);
+        });
+      }
+    });
+  };
+  if (n >= w) {
+    if (*gt == ffi::DataType::F32) lanes(float{}); else lanes(Bf16{});
+  }
+  {
+    ScopedFlushDenormal flush;
+    for (int64_t half = width / 2; half >= 1; half /= 2) {
+      for (int64_t i = 0; i < half; ++i) acc[i] = acc[i] + acc[i + half];
+    }
+  }
+  *static_cast<float*>(out->untyped_data()) = acc[0];
+  return ffi::Error::Success();
+}
+
 }  // namespace shardopt_kernels
 
 namespace sk = shardopt_kernels;
@@ -542,6 +625,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSgdUpdate, sk::SgdImpl,
                                   .Attr<bool>("has_weight_decay")
                                   .Attr<float>("weight_decay")
                                   .Attr<bool>("has_scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSumsq, sk::SumsqImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>());
 
 extern "C" {
 
