@@ -47,6 +47,9 @@ def test_filecheck():
     assert stats[1]["lowered"] == 1 and stats[1]["scales_folded"] == 1 and stats[1]["bf16_gradients"] == 1, stats
     assert stats[2]["lowered"] == 0 and list(stats[2]["left"]) == [
         "variable sharded over the mesh (the kernel updates whole tensors)"], stats
+    # a flat pack under a global norm: one pack kernel call, the norm's two sums one shardopt_sumsq call
+    assert stats[3]["packs_lowered"] == 1 and stats[3]["norms_lowered"] == 1, stats
+    assert stats[3]["kernels"] == {"shardopt_adam_pack_update": 1, "shardopt_sumsq": 1}, stats
 
 
 def _run_steps(dtype, config, pipeline, steps=3, shape=(96, 70)):

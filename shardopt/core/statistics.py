@@ -26,6 +26,7 @@ WORDS: dict[str, dict[str, str]] = {
         "packs_lowered": "packs updated whole by one multi-tensor kernel call",
         "pack_members": "variables in those packs",
         "gradient_buffers_freed": "gradient gathers the pack kernel made unnecessary",
+        "norms_lowered": "global norms over a pack summed by one in-place kernel call (fixed order)",
     },
     "fixed-order-sums": {
         "reductions": "float sums in the step",
@@ -57,7 +58,7 @@ WORDS: dict[str, dict[str, str]] = {
         "tensors_per_group": "groups (how many x gradients each)",
         "batched_reductions": "batched norms (one pass reads many gradients)",
         "unbatched": "norms left unbatched, by reason",
-        "packed_gradient_norms": "norms summed over a packed gradient",
+        "packed_gradient_norms": "norms summed over a packed gradient (a flat pack's in the fixed order)",
         "norm_trees_collapsed": "global-norm sums collapsed into one reduction",
         "norm_tree_leaves": "partial sums those reductions add",
         "ops_moved": "operations reordered",

@@ -139,12 +139,23 @@ module @left_alone {
 // Global norm where fuse-moments has already packed two of the gradients (f32[8] and f32[2,3] concatenated into
 // the f32[14] its fused chain reads): their squares are summed once over the packed gradient (one contiguous
 // read instead of one per member buffer), the second member's sum becomes zero, and the add tree still sums
-// every contribution (then collapses into one reduction as usual). The third gradient is not packed.
+// every contribution (then collapses into one reduction as usual). The third gradient is not packed. The packed
+// sum is spelled out in the fixed order of fixed_order_norm.py (the pack kernel's shardopt_sumsq order): 14
+// elements take W = 16 lanes and no whole row, so the tail padded to 16 lanes is squared, then halved 16 -> 1.
 // CHECK-LABEL: module @packed_gradient
 // CHECK:         %[[G1:.*]] = stablehlo.reshape %arg1 : (tensor<2x3xf32>) -> tensor<6xf32>
 // CHECK:         %[[PACKED:.*]] = stablehlo.concatenate %arg0, %[[G1]], dim = 0 : (tensor<8xf32>, tensor<6xf32>) -> tensor<14xf32>
-// CHECK:         %[[SQ:.*]] = stablehlo.multiply %[[PACKED]], %[[PACKED]] : tensor<14xf32>
-// CHECK:         %[[SUM:.*]] = stablehlo.reduce(%[[SQ]] init: %[[ZERO:.*]]) applies stablehlo.add across dimensions = [0]
+// CHECK:         %[[ZERO:.*]] = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+// CHECK-NOT:     stablehlo.while
+// CHECK:         %[[TAIL:.*]] = stablehlo.slice %[[PACKED]] [0:14]
+// CHECK:         %[[PAD:.*]] = stablehlo.pad %[[TAIL]], %{{.*}}, low = [0], high = [2], interior = [0] : (tensor<14xf32>, tensor<f32>) -> tensor<16xf32>
+// CHECK:         %[[SQ:.*]] = stablehlo.multiply %[[PAD]], %[[PAD]] : tensor<16xf32>
+// CHECK:         %[[ACC:.*]] = stablehlo.add %{{.*}}, %[[SQ]] : tensor<16xf32>
+// CHECK:         %[[LO:.*]] = stablehlo.slice %[[ACC]] [0:8]
+// CHECK:         %[[HI:.*]] = stablehlo.slice %[[ACC]] [8:16]
+// CHECK:         stablehlo.add %[[LO]], %[[HI]] : tensor<8xf32>
+// CHECK:         %[[LAST:.*]] = stablehlo.add %{{.*}}, %{{.*}} : tensor<1xf32>
+// CHECK:         %[[SUM:.*]] = stablehlo.reshape %[[LAST]] {shardopt.fixed_order_norm} : (tensor<1xf32>) -> tensor<f32>
 // CHECK-NOT:     stablehlo.multiply %arg0, %arg0
 // CHECK-NOT:     stablehlo.multiply %arg1, %arg1
 // CHECK:         stablehlo.divide %[[SUM]]
