@@ -75,17 +75,23 @@ def _without_zero_square(value: ir.Value) -> ir.Value:
     return value
 
 
-def tree_root(value: ir.Value) -> ir.Operation | None:
-    """The root of the scalar add tree that `value` (a sum of squares, maybe halved) is a leaf of, if any."""
+def tree_root(value: ir.Value, memo: dict[ir.Operation, ir.Operation] | None = None) -> ir.Operation | None:
+    """The root of the scalar add tree that `value` (a sum of squares, maybe halved) is a leaf of, if any.
+    `memo` (node -> root, filled in) makes finding the roots of all K leaves of one tree O(K), not O(K^2)."""
     us = fir.users(value)
     if len(us) == 1 and us[0].name == "stablehlo.divide" and fir.splat_key(us[0].operands[1]) is not None:
         value = us[0].results[0]
     node = single_add_user(value)
     if node is None:
         return None
-    while (parent := single_add_user(node.results[0])) is not None:
+    path = [node]
+    memo = {} if memo is None else memo
+    while node not in memo and (parent := single_add_user(node.results[0])) is not None:
         node = parent
-    return node
+        path.append(node)
+    root = memo.get(node, node)
+    memo.update((n, root) for n in path)
+    return root
 
 
 def one_tree(members: list[SumOfSquares | None]) -> bool:
@@ -93,7 +99,8 @@ def one_tree(members: list[SumOfSquares | None]) -> bool:
     so only their total matters (a per-tensor `clipnorm` needs each sum)."""
     if len(members) < 2 or any(m is None for m in members):
         return False
-    roots = [tree_root(m.reduce.results[0]) for m in members]
+    memo: dict[ir.Operation, ir.Operation] = {}
+    roots = [tree_root(m.reduce.results[0], memo) for m in members]
     return roots[0] is not None and all(r is not None and r == roots[0] for r in roots)
 
 
