@@ -18,7 +18,10 @@ read of the gradient for the norm), no temp buffer, about 20% less step time.
 
 With packed state, `fuse-moments` runs first and concatenates each pack's gradients for its fused chain; a
 global norm then sums the squares of that packed gradient once (one contiguous read) instead of reading every
-member's buffer again ("packed_gradient_norms" in the statistics).
+member's buffer again ("packed_gradient_norms" in the statistics). A flat pack's sum is written in the fixed
+order of fixed_order_norm.py, the order of the `shardopt_sumsq` kernel that `lower-to-kernels` calls for a pack
+it lowers, so the portable step and the kernel step compute the same clip scale; a flat pack whose gradients
+fuse-moments did not concatenate (bfloat16 state) is summed in that order over their concatenation.
 
 What is batched, and why the rest is not (counted in the statistics under `unbatched`):
 - only tensors of at most `max_elements` elements per device: XLA:CPU emits a variadic reduce as one plain
