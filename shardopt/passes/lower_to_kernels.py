@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt import kernels
@@ -38,7 +40,7 @@ from shardopt.kernels import PACK_SUFFIX
 from shardopt.kernels.calls import SUMSQ_TARGET
 from shardopt.kernels.stablehlo import custom_call
 from shardopt.passes.base import ModulePass, option
-from shardopt.passes.fixed_order_norm import kernel_sumsq
+from shardopt.passes.fixed_order_norm import fixed_order_sumsq, kernel_sumsq
 from shardopt.passes.inline_calls import COMPOSITE_PREFIX, inline_composite
 from shardopt.passes.kernel_operands import (
     alpha_eps,
@@ -50,7 +52,7 @@ from shardopt.passes.kernel_operands import (
     state_problem,
     unconverted,
 )
-from shardopt.passes.norm_trees import f32_zero, global_norm_members, replace_member_sums
+from shardopt.passes.norm_trees import f32_zero, global_norm_members, loose_gradient_sums, replace_member_sums
 
 PREFIX = COMPOSITE_PREFIX
 _warned: set[str] = set()
@@ -76,8 +78,11 @@ class LowerToKernels(ModulePass):
     fold_scale: bool = option(True, "pass a global-norm clip scale to the kernel instead of the scaled gradient")
     pack_scale_contracted: bool = option(True, "a folded clip scale in a pack kernel as XLA:CPU compiles the "
                                                "fused pack (fma(g, scale, -m)); false: g*scale rounded first")
-    norms: bool = option(True, "a global norm over a pack's members as one shardopt_sumsq call reading the "
-                               "gradients in place, in the fixed order fuse-clipping writes for the packed gradient")
+    norms: bool = option(True, "sums of squares in the fixed order of fixed_order_norm.py: a lowered pack's global "
+                               "norm and large loose gradients' as shardopt_sumsq calls (StableHLO when disabled)")
+    norm_above: int = option(1 << 15, "sums of squares of replicated gradients in buffers of their own with more "
+                                      "elements than this in the fixed order (kernel or StableHLO); smaller ones "
+                                      "stay for fuse-clipping to batch")
     assume_available: bool = option(False, "emit the custom call even where this process has no kernel library "
                                            "(FileCheck, compiling for another machine)")
 
@@ -98,6 +103,8 @@ class LowerToKernels(ModulePass):
             if why is not None:
                 stats["left"][why] = stats["left"].get(why, 0) + 1
                 inline_composite(op, funcs)
+        if self.norms:
+            self._loose_norms(module, stats)
         if stats["lowered"] and not self.assume_available:
             stats["library"] = kernels.info()["isa"]
         return stats
@@ -174,6 +181,28 @@ class LowerToKernels(ModulePass):
             replace_member_sums(members, kernel_sumsq(operands), f32_zero())
         stats["norms_lowered"] = stats.get("norms_lowered", 0) + 1
         stats["kernels"][SUMSQ_TARGET] = stats["kernels"].get(SUMSQ_TARGET, 0) + 1
+
+    def _loose_norms(self, module: ir.Module, stats: dict[str, Any]) -> None:
+        """Every sum of squares of a large replicated gradient kept in its own buffer, in the fixed order of
+        fixed_order_norm.py: one `shardopt_sumsq` call each where the kernel exists and this pass is enabled, else
+        the same order in StableHLO. Decided alike on both paths (whatever happens to the update), so a clipped
+        kernel step and its portable twin compute the same norm; on the kernel path the norm then reads each
+        gradient once on XLA's thread pool (XLA's reduce of a large tensor ran at a third of the update kernel's
+        bandwidth on GPT-2 small)."""
+        leaves = loose_gradient_sums(module, self.norm_above)
+        if not leaves:
+            return
+        kernel = self.enabled and self._unavailable("sumsq", "float32") is None
+        f32 = ir.F32Type.get()
+        for m, arg in leaves:
+            with ir.InsertionPoint(m.reduce), m.reduce.location:
+                flat = ir.RankedTensorType.get([int(np.prod(ir.RankedTensorType(m.x.type).shape))], f32)
+                total = kernel_sumsq([arg]) if kernel else fixed_order_sumsq(hlo.reshape(flat, m.x))
+            replace_member_sums([m], total, total)
+        stats["norms_fixed_order"] = stats.get("norms_fixed_order", 0) + len(leaves)
+        if kernel:
+            stats["norms_lowered"] = stats.get("norms_lowered", 0) + len(leaves)
+            stats["kernels"][SUMSQ_TARGET] = stats["kernels"].get(SUMSQ_TARGET, 0) + len(leaves)
 
     def _lower_pack(self, op: ir.Operation, kind: str, a: dict[str, Any], main: Any, block: ir.Block,
                     axes: dict[str, int], stats: dict[str, Any]) -> str | None:

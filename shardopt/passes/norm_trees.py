@@ -183,6 +183,32 @@ def _argument_of(x: ir.Value, block: ir.Block) -> int | None:
     return ir.BlockArgument(x).arg_number if isinstance(x.owner, ir.Block) and x.owner == block else None
 
 
+def loose_gradient_sums(module: ir.Module, above: int) -> list[tuple[SumOfSquares, ir.Value]]:
+    """The float32 sums of squares of gradients kept in buffers of their own: (sum, the gradient's `@main`
+    argument) for each gradient argument (or its float32 convert) with more than `above` elements, replicated
+    (no mesh axis of size > 1 splits it) and of a variable in no pack (a pack's members are summed together)."""
+    main = sir.main_func(module)
+    block = main.regions[0].blocks[0]
+    attrs = sir.arg_attrs(main)
+    axes = sir.mesh_axes(module)
+    packed = {ir.StringAttr(n).value for a in attrs if "shardopt.members" in a
+              for n in ir.ArrayAttr(a["shardopt.members"])}
+    out = []
+    for op in block.operations:
+        m = match_sum_of_squares(op.operation)
+        if m is None or not isinstance(fir.element_type(m.square), ir.F32Type):
+            continue
+        i = _argument_of(m.x, block)
+        if i is None or sir.string_attr(attrs[i].get("shardopt.role")) != "gradient" or \
+                sir.string_attr(attrs[i].get("shardopt.owner")) in packed or int(np.prod(fir.shape_of(m.x))) <= above:
+            continue
+        sharding = attrs[i].get("sdy.sharding")
+        if sharding is not None and any(axes.get(ax, 1) > 1 for dim, _ in sir.sharding_dims(sharding) for ax in dim):
+            continue
+        out.append((m, block.arguments[i]))
+    return out
+
+
 def sum_flat_pack_gradients(module: ir.Module, found: list[SumOfSquares]) -> tuple[list[SumOfSquares], int]:
     """A global norm over the members of a flat pack whose gradients no `concatenate` gathered (fuse-moments left
     the pack, as it does for bfloat16 state) summed over their concatenation in the fixed order of
