@@ -74,6 +74,7 @@ def test_refuses_mixed_dtypes():
 def run(dtype, sizes, pipeline, steps=3):
     rng = np.random.default_rng(1)
     vs = [shardopt.Variable(rng.standard_normal(n).astype(dtype), name=f"v{i}") for i, n in enumerate(sizes)]
+    sizes = [v.shape for v in vs]
     opt = shardopt.Adam(learning_rate=1e-2, global_clipnorm=0.5)
     opt.pipeline = pipeline
     for _ in range(steps):
@@ -85,6 +86,8 @@ def run(dtype, sizes, pipeline, steps=3):
 # no whole row (W/2 < N < W), exactly one row (N = W), one row and a tail, two rows and a tail
 SIZES = {"no_row": (37, 200, 5, 64, 27), "one_row": (2048, 2048), "row_and_tail": (50000, 50003),
          "rows_and_tail": (60000, 65000, 10000)}
+# a pack beside variables in buffers of their own (each large one's norm its own shardopt_sumsq call)
+LOOSE = {"pack_and_loose": ((300,), (500,), (100000,), (256, 1024)), "one_tensor": (((1 << 20) + 5,),)}
 
 
 @pytest.mark.slow
@@ -96,5 +99,22 @@ def test_kernel_path_equals_portable_path(key, dtype):
     with_kernel, program = run(dtype, SIZES[key], DEFAULT_PIPELINE)
     without, _ = run(dtype, SIZES[key], OFF)
     assert program.pipeline.stage("lower-to-kernels").stats["norms_lowered"] == 1
+    for x, y in zip(with_kernel, without, strict=True):
+        np.testing.assert_array_equal(bits(x), bits(y))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(LOOSE))
+def test_loose_gradients_equal_on_both_paths(key):
+    """Large replicated gradients kept in buffers of their own: one `shardopt_sumsq` each on the kernel path, the
+    same order in StableHLO on the portable path (lower-to-kernels decides alike with enabled=false)."""
+    with_kernel, program = run(np.float32, LOOSE[key], DEFAULT_PIPELINE)
+    without, off = run(np.float32, LOOSE[key], OFF)
+    loose = sum(int(np.prod(s)) > 1 << 15 for s in LOOSE[key])
+    stats = program.pipeline.stage("lower-to-kernels").stats
+    assert stats["norms_fixed_order"] == loose and stats["kernels"]["shardopt_sumsq"] == loose + (key != "one_tensor")
+    off_stats = off.pipeline.stage("lower-to-kernels").stats
+    assert off_stats["norms_fixed_order"] == loose and "norms_lowered" not in off_stats
+    assert "shardopt_sumsq" not in off.pipeline.stage("cleanup").text
     for x, y in zip(with_kernel, without, strict=True):
         np.testing.assert_array_equal(bits(x), bits(y))

@@ -50,6 +50,8 @@ def test_filecheck():
     # a flat pack under a global norm: one pack kernel call, the norm's two sums one shardopt_sumsq call
     assert stats[3]["packs_lowered"] == 1 and stats[3]["norms_lowered"] == 1, stats
     assert stats[3]["kernels"] == {"shardopt_adam_pack_update": 1, "shardopt_sumsq": 1}, stats
+    # a large loose gradient's sum of squares: one shardopt_sumsq call (StableHLO's fixed order when disabled)
+    assert stats[4]["norms_fixed_order"] == 1 and stats[4]["kernels"] == {"shardopt_sumsq": 1}, stats
 
 
 def _run_steps(dtype, config, pipeline, steps=3, shape=(96, 70)):

@@ -26,7 +26,8 @@ WORDS: dict[str, dict[str, str]] = {
         "packs_lowered": "packs updated whole by one multi-tensor kernel call",
         "pack_members": "variables in those packs",
         "gradient_buffers_freed": "gradient gathers the pack kernel made unnecessary",
-        "norms_lowered": "global norms over a pack summed by one in-place kernel call (fixed order)",
+        "norms_lowered": "sums of squares (a pack's global norm, a large gradient's) by one in-place kernel call",
+        "norms_fixed_order": "sums of squares of large gradients in buffers of their own put in the fixed order",
     },
     "fixed-order-sums": {
         "reductions": "float sums in the step",

@@ -314,3 +314,31 @@ module @pack_global_norm attributes {jax.uses_shape_polymorphism = false, mhlo.n
     return %50, %51, %24, %49 : tensor<5xf32>, tensor<5xf32>, tensor<3xf32>, tensor<2xf32>
   }
 }
+
+// -----
+
+// The sum of squares of a large replicated gradient kept in its own buffer (70,000 elements > norm-above): one
+// shardopt_sumsq call over the gradient argument; with the pass disabled the same fixed order in StableHLO (the
+// portable twin): 2^16 lanes, one whole row summed in a while loop over dynamic slices, the tail padded to 2^16
+// lanes and added, then halved.
+// CHECK-LABEL: module @loose_norm
+// CHECK-NOT:     stablehlo.reduce
+// CHECK:         %[[S:.*]] = stablehlo.custom_call @shardopt_sumsq(%arg0) {{{.*}}shardopt.fixed_order_norm} : (tensor<70000xf32>) -> tensor<f32>
+// CHECK:         return %[[S]]
+// INLINE-LABEL: module @loose_norm
+// INLINE-NOT:    stablehlo.reduce
+// INLINE:        stablehlo.while
+// INLINE:        stablehlo.dynamic_slice %{{.*}}, %{{.*}}, sizes = [65536] : (tensor<70000xf32>, tensor<i64>) -> tensor<65536xf32>
+// INLINE:        stablehlo.slice %{{.*}} [65536:70000]
+// INLINE:        stablehlo.pad %{{.*}}, %{{.*}}, low = [0], high = [61072], interior = [0]
+// INLINE:        %[[T:.*]] = stablehlo.reshape %{{.*}} {shardopt.fixed_order_norm} : (tensor<1xf32>) -> tensor<f32>
+// INLINE:        return %[[T]]
+module @loose_norm {
+  sdy.mesh @mesh = <["replica"=1]>
+  func.func public @main(%arg0: tensor<70000xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "grad/w", shardopt.owner = "w", shardopt.role = "gradient"}) -> tensor<f32> {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<70000xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0] : (tensor<70000xf32>, tensor<f32>) -> tensor<f32>
+    return %1 : tensor<f32>
+  }
+}
