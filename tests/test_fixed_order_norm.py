@@ -52,7 +52,7 @@ def test_width():
 
 
 @pytest.mark.parametrize("sizes", [(1,), (3, 4), (37, 200, 5), (2048, 2048), (50000, 50003), (3700,) * 60,
-                                   (1 << 18,)], ids=lambda s: f"{sum(s)}")
+                                   (1 << 18,), (7 * 65536 + 12345,)], ids=lambda s: f"{sum(s)}")
 @pytest.mark.parametrize("dtype", [np.float32, np.dtype("bfloat16")], ids=["float32", "bfloat16"])
 def test_kernel_is_the_order_in_numpy(sizes, dtype, baseline):
     """Bitwise, including the threaded path (the larger sizes run on XLA's pool: lanes split over threads)."""

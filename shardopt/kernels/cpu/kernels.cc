@@ -164,6 +164,16 @@ static void ForEachPiece(const Segments& seg, int64_t a, int64_t b, F&& run) {
   }
 }
 
+// The element at position `a` of the concatenation when [a, a + count) lies inside one gradient buffer, else null.
+template <typename G>
+static const G* WithinOne(const Segments& seg, int64_t a, int64_t count) {
+  const G* found = nullptr;
+  ForEachPiece(seg, a, a + count, [&](int64_t, int64_t c, const void* g, int64_t gat, size_t) {
+    if (c == count) found = static_cast<const G*>(g) + gat;
+  });
+  return found;
+}
+
 constexpr int64_t kChunk = int64_t{1} << 16;        // elements per claimed chunk
 constexpr int64_t kSerialBelow = int64_t{1} << 17;  // smaller updates run on the calling thread alone
 
@@ -544,15 +554,29 @@ static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::
       acc[i] = isa == kAvx2Fma ? std::fma(x[i], x[i], hi) : x[i] * x[i] + hi;
     }
   }
+  // Lane tiles: as wide as a thread's share (long contiguous reads of each row), at least kSumsqTile lanes.
+  int64_t tile = kSumsqTile;
+  while (tile * 2 <= w / (pool.num_threads() + 1)) tile *= 2;
   auto lanes = [&](auto g_tag) {
     using G = decltype(g_tag);
     auto run = isa == kAvx2Fma ? &avx2_fma::SumsqRun<G> : &baseline::SumsqRun<G>;
-    ParallelRanges(pool, w, kSumsqTile, n < kSerialBelow, [&](int64_t a, int64_t b) {
-      for (int64_t base = 0; base + a < n; base += w) {
+    auto run4 = isa == kAvx2Fma ? &avx2_fma::SumsqRun4<G> : &baseline::SumsqRun4<G>;
+    ParallelRanges(pool, w, tile, n < kSerialBelow, [&](int64_t a, int64_t b) {
+      for (int64_t base = 0; base + a < n;) {
+        const G* rows[4] = {};
+        if (base + 3 * w + b <= n) {  // four whole rows of this tile, each inside one gradient buffer?
+          for (int r = 0; r < 4; ++r) rows[r] = WithinOne<G>(seg, base + r * w + a, b - a);
+        }
+        if (rows[0] && rows[1] && rows[2] && rows[3]) {
+          run4(acc.data() + a, rows[0], rows[1], rows[2], rows[3], b - a);
+          base += 4 * w;
+          continue;
+        }
         const int64_t end = base + b < n ? base + b : n;
         ForEachPiece(seg, base + a, end, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t) {
           run(acc.data() + (at - base), static_cast<const G*>(g) + gat, count);
         });
+        base += w;
       }
     });
   };
