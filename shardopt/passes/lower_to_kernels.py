@@ -55,6 +55,8 @@ from shardopt.passes.kernel_operands import (
 from shardopt.passes.norm_trees import f32_zero, global_norm_members, loose_gradient_sums, replace_member_sums
 
 PREFIX = COMPOSITE_PREFIX
+# MLIR element types -> numpy names (kernels.reason reads "f16" as numpy's float128 otherwise)
+DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 _warned: set[str] = set()
 
 
@@ -129,7 +131,7 @@ class LowerToKernels(ModulePass):
         if kind.endswith(PACK_SUFFIX):
             return self._lower_pack(op, kind, a, main, block, axes, stats)
         var, grad, lr, t, *slots = list(op.operands)
-        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(element_name(var), element_name(var))
+        dtype = DTYPE_NAMES.get(element_name(var), element_name(var))
         why = self._unavailable(kind, dtype)
         if why is not None:
             return why
@@ -194,10 +196,11 @@ class LowerToKernels(ModulePass):
             return
         kernel = self.enabled and self._unavailable("sumsq", "float32") is None
         f32 = ir.F32Type.get()
-        for m, arg in leaves:
+        for m, _ in leaves:
             with ir.InsertionPoint(m.reduce), m.reduce.location:
                 flat = ir.RankedTensorType.get([int(np.prod(ir.RankedTensorType(m.x.type).shape))], f32)
-                total = kernel_sumsq([arg]) if kernel else fixed_order_sumsq(hlo.reshape(flat, m.x))
+                # the gradient as stored when the kernel reads it (float32, bfloat16), else its float32 convert
+                total = kernel_sumsq([unconverted(m.x)]) if kernel else fixed_order_sumsq(hlo.reshape(flat, m.x))
             replace_member_sums([m], total, total)
         stats["norms_fixed_order"] = stats.get("norms_fixed_order", 0) + len(leaves)
         if kernel:
@@ -212,7 +215,7 @@ class LowerToKernels(ModulePass):
         k = int(a["members"])
         lr, t, _iterations, *rest = list(op.operands)
         slots, ps, grads = rest[:len(names)], rest[len(names):len(names) + k], rest[len(names) + k:]
-        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(element_name(slots[0]), element_name(slots[0]))
+        dtype = DTYPE_NAMES.get(element_name(slots[0]), element_name(slots[0]))
         why = self._unavailable(kind, dtype)
         if why is not None:
             return why
