@@ -51,13 +51,15 @@ def test_filecheck():
     assert stats[4]["norm_trees_collapsed"] == 1 and stats[4]["norm_tree_leaves"] == 4
     # a square computed from the other's norm: found, same group key but a deeper norm, so never batched with it
     assert stats[5]["sums_of_squares"] == 2 and stats[5]["batched_reductions"] == 0, stats[5]
+    # the packed gradient again, its members marked by lower-to-kernels: summed in the fixed order
+    assert stats[6]["packed_gradient_norms"] == 1 and stats[6]["norm_tree_leaves"] == 3, stats[6]
 
 
 def test_filecheck_max_operands():
     """max-operands=1: one reduction per gradient, so no variadic reduce."""
     rc, err, stats = filecheck(PASS, "fuse-clipping{max-operands=1}", prefixes=("ONE",))
     assert rc == 0, err
-    assert [s["batched_reductions"] for s in stats] == [0, 0, 0, 0, 0, 0], stats
+    assert [s["batched_reductions"] for s in stats] == [0, 0, 0, 0, 0, 0, 0], stats
     assert stats[0]["tensors_per_group"] == {"1": 3}, stats
 
 

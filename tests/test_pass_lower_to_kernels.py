@@ -98,9 +98,12 @@ def test_compiled_hlo_one_custom_call_no_copies():
     program = adam(mesh, packed=False, global_clipnorm=1.0).program_for([(np.ones((512, 300), np.float32), v)])
     hlo = build(program, DEFAULT_PIPELINE, "cleanup", mesh).hlo
     entry = hlo[hlo.index("ENTRY"):]
-    calls = [line for line in entry.splitlines() if "custom-call(" in line]
-    assert len(calls) == 1 and 'custom_call_target="shardopt_adam_update"' in calls[0], calls
+    calls = [line for line in entry.splitlines() if "custom-call(" in line and "shardopt_adam_update" in line]
+    assert len(calls) == 1, calls
     assert "output_to_operand_aliasing={{0}: (0, {}), {1}: (1, {}), {2}: (2, {})}" in calls[0]
+    # the global norm: one shardopt_sumsq call reading the gradient argument in place
+    norms = [line for line in entry.splitlines() if 'custom_call_target="shardopt_sumsq"' in line]
+    assert len(norms) == 1 and "custom-call(%args_" in norms[0], norms
     assert not [line for line in entry.splitlines() if " copy(" in line and "f32[512,300]" in line]
     # no loop over the tensor either: the clip scale is folded, the sum of squares is the only pass over g
     assert not re.search(r"= f32\[512,300\]\S* fusion\(", entry), entry

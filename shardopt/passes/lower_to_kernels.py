@@ -52,7 +52,13 @@ from shardopt.passes.kernel_operands import (
     state_problem,
     unconverted,
 )
-from shardopt.passes.norm_trees import f32_zero, global_norm_members, loose_gradient_sums, replace_member_sums
+from shardopt.passes.norm_trees import (
+    f32_zero,
+    global_norm_members,
+    loose_gradient_sums,
+    mark_fixed_order_pack,
+    replace_member_sums,
+)
 
 PREFIX = COMPOSITE_PREFIX
 # MLIR element types -> numpy names (kernels.reason reads "f16" as numpy's float128 otherwise)
@@ -124,12 +130,12 @@ class LowerToKernels(ModulePass):
     def _lower(self, op: ir.Operation, main: Any, block: ir.Block, axes: dict[str, int],
                stats: dict[str, Any]) -> str | None:
         """Emits the custom call for `op` and returns None, or returns why it stays StableHLO."""
-        if not self.enabled:
-            return "disabled (enabled=false)"
         kind = ir.StringAttr(op.attributes["name"]).value[len(PREFIX):]
         a = composite_attributes(op)
         if kind.endswith(PACK_SUFFIX):
             return self._lower_pack(op, kind, a, main, block, axes, stats)
+        if not self.enabled:
+            return "disabled (enabled=false)"
         var, grad, lr, t, *slots = list(op.operands)
         dtype = DTYPE_NAMES.get(element_name(var), element_name(var))
         why = self._unavailable(kind, dtype)
@@ -216,11 +222,8 @@ class LowerToKernels(ModulePass):
         lr, t, _iterations, *rest = list(op.operands)
         slots, ps, grads = rest[:len(names)], rest[len(names):len(names) + k], rest[len(names) + k:]
         dtype = DTYPE_NAMES.get(element_name(slots[0]), element_name(slots[0]))
-        why = self._unavailable(kind, dtype)
-        if why is not None:
-            return why
-        if kind != "adam" + PACK_SUFFIX:
-            return f"no lowering of shardopt.{kind} composites"
+        if kind != "adam" + PACK_SUFFIX or dtype not in kernels.DTYPES:
+            return self._unavailable(kind, dtype) or f"no lowering of shardopt.{kind} composites"
         expected = ["m", "v", "vhat"] if a["amsgrad"] else ["m", "v"]
         if names != expected or len(grads) != k:
             return f"unexpected slots {names} for amsgrad={a['amsgrad']}"
@@ -230,6 +233,12 @@ class LowerToKernels(ModulePass):
         if any(element_name(p) != element_name(slots[0]) for p in ps):
             return "variables of another dtype than their packed slots"
         g, scale = common_scale(grads) if self.fold_scale else (grads, None)
+        # A pack this pass lowers where it can: its global norm is summed in the fixed order on either path
+        why = "disabled (enabled=false)" if not self.enabled else self._unavailable(kind, dtype)
+        if why is not None:
+            if scale is not None and self.norms:
+                mark_fixed_order_pack(block, g)  # fuse-clipping writes the order over the packed gradient
+            return why
         unscaled = g
         as_stored = [unconverted(x) for x in g]
         if len({element_name(x) for x in as_stored}) == 1:

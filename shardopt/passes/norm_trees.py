@@ -116,6 +116,23 @@ def global_norm_members(block: ir.Block, xs: list[ir.Value]) -> list[SumOfSquare
     return members if one_tree(members) else None
 
 
+PACK_MARK = "shardopt.fixed_order_pack"  # on a pack member's sum of squares: sum the pack in the fixed order
+
+
+def mark_fixed_order_pack(block: ir.Block, xs: list[ir.Value]) -> None:
+    """Marks the global norm's sums of squares of a pack's gradients `xs` (a pack `lower-to-kernels` would lower
+    to the kernel, left StableHLO): fuse-clipping sums them over the packed gradient in the fixed order, the order
+    of the kernel path's `shardopt_sumsq`. Other packs keep XLA's reduce (the order of unpacked variables'
+    batched norms: packed and unpacked steps of optimizers without a pack kernel stay bitwise equal)."""
+    members = global_norm_members(block, xs)
+    for m in members or ():
+        m.reduce.attributes[PACK_MARK] = ir.UnitAttr.get()
+
+
+def _marked(members: list[SumOfSquares]) -> bool:
+    return all(PACK_MARK in m.reduce.attributes for m in members)
+
+
 def replace_member_sums(members: list[SumOfSquares], total: ir.Value, zero: ir.Value) -> None:
     """The first member's sum becomes `total` and the others +0 (the add tree is unchanged); their reductions
     and, where unused, their squares are erased."""
@@ -162,7 +179,7 @@ def reduce_packed_gradients(block: ir.Block, found: list[SumOfSquares]) -> tuple
         rank = len(fir.shape_of(packed_x))
         with ir.InsertionPoint.after(op), op.location:
             zero = hlo.ConstantOp(ir.DenseElementsAttr.get_splat(fir.scalar_type(elt), ir.FloatAttr.get(elt, 0.0)))
-            if rank == 1 and isinstance(elt, ir.F32Type):  # a flat pack: the order the pack kernel's norm keeps
+            if rank == 1 and isinstance(elt, ir.F32Type) and _marked(members):  # the pack kernel's order
                 total = fixed_order_sumsq(packed_x)
             else:
                 square = hlo.multiply(packed_x, packed_x)
@@ -230,7 +247,7 @@ def sum_flat_pack_gradients(module: ir.Module, found: list[SumOfSquares]) -> tup
         names = [ir.StringAttr(n).value for n in ir.ArrayAttr(a["shardopt.members"])]
         members = [by_arg.get(by_owner.get(n, -1)) for n in names]
         if any(m is None or id(m) in done or not isinstance(fir.element_type(m.square), ir.F32Type)
-               for m in members) or not one_tree(members):
+               for m in members) or not one_tree(members) or not _marked(members):
             continue
         first = next(op.operation for op in block.operations if op.operation in {m.reduce for m in members})
         with ir.InsertionPoint(first), first.location:

@@ -198,7 +198,8 @@ module @sharded {
 // A flat pack whose members' gradients (f32[3], f32[2]) are the leaves of one global-norm add tree: the pack
 // becomes one shardopt_adam_pack_update call and the two sums of squares one shardopt_sumsq call over the
 // gradient arguments, in the fixed order fuse-clipping writes for the packed gradient on the portable path
-// (fixed_order_norm.py); the second member's sum becomes +0, so the add tree is unchanged.
+// (fixed_order_norm.py); the second member's sum becomes +0, so the add tree is unchanged. Disabled, the pass
+// marks the two sums (`shardopt.fixed_order_pack`) for fuse-clipping to sum the packed gradient in that order.
 // CHECK-LABEL: module @pack_global_norm
 // CHECK-NOT:     stablehlo.reduce
 // CHECK:         %[[SUMSQ:.*]] = stablehlo.custom_call @shardopt_sumsq(%arg2, %arg3) {{{.*}}shardopt.fixed_order_norm} : (tensor<3xf32>, tensor<2xf32>) -> tensor<f32>
@@ -209,8 +210,8 @@ module @sharded {
 // CHECK:         stablehlo.custom_call @shardopt_adam_pack_update(%arg4, %arg5, %{{.*}}, %{{.*}}, %{{.*}}, %arg0, %arg1, %arg2, %arg3)
 // INLINE-LABEL: module @pack_global_norm
 // INLINE-NOT:    shardopt_sumsq
-// INLINE:        stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] : (tensor<3xf32>, tensor<f32>) -> tensor<f32>
-// INLINE:        stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] : (tensor<2xf32>, tensor<f32>) -> tensor<f32>
+// INLINE:        stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] {shardopt.fixed_order_pack} : (tensor<3xf32>, tensor<f32>) -> tensor<f32>
+// INLINE:        stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] {shardopt.fixed_order_pack} : (tensor<2xf32>, tensor<f32>) -> tensor<f32>
 // INLINE-NOT:    custom_call
 module @pack_global_norm attributes {jax.uses_shape_polymorphism = false, mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {
   sdy.mesh @mesh = <["replica"=1]> {stablehlo.mesh = {axes = [{name = "replica", size = 1 : i64}]}}
