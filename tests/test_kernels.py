@@ -130,7 +130,7 @@ def test_library_is_built():
     assert kernels.available("sgd", "bfloat16"), kernels.reason("sgd", "bfloat16")
     info = kernels.info()
     assert info["loaded"] and info["targets"] == ["shardopt_adam_pack_update", "shardopt_adam_update",
-                                                "shardopt_sgd_pack_update", "shardopt_sgd_update"]
+                                                "shardopt_sgd_pack_update", "shardopt_sgd_update", "shardopt_sumsq"]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["f32", "bf16"])

@@ -3,9 +3,9 @@ gradients as separate operands) is one in-place custom call (`shardopt_adam_pack
 `lower-to-kernels` from the frontend's `shardopt.adam_pack` composite (frontend/pack_kernel.py).
 
 Bitwise equal to the pipeline with the pass off (the composite inlined, then fused by fuse-moments) over several
-steps for every option the kernel takes, float32 and bfloat16; with a global clip norm the StableHLO path takes
-the norm over the packed gradient (fuse-clipping) where the kernel path adds the members' sums, so the scale, and
-through it the trajectory, may differ by a few ulp (pinned). The gradient gather disappears from the compiled HLO.
+steps for every option the kernel takes, float32 and bfloat16, global clip norm included: both paths sum the
+pack's squares in one fixed order (passes/fixed_order_norm.py), the kernel path with one `shardopt_sumsq` call.
+The gradient gather disappears from the compiled HLO.
 """
 
 import re
@@ -65,12 +65,26 @@ def test_bitwise_equal_to_the_fused_stablehlo_path(key, dtype):
         np.testing.assert_array_equal(bits(x), bits(y))
 
 
-def test_global_clipnorm_within_a_few_ulp():
-    with_kernel, program = run(np.float32, {"global_clipnorm": 0.5}, DEFAULT_PIPELINE)
-    without, _ = run(np.float32, {"global_clipnorm": 0.5}, OFF)
-    assert program.pipeline.stage(PASS).stats["scales_folded"] == 1
+CLIP_CONFIGS = {
+    "global_clipnorm": {"global_clipnorm": 0.5},
+    "global_clipnorm_amsgrad_wd": {"global_clipnorm": 0.5, "amsgrad": True, "weight_decay": 0.05},
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.dtype("bfloat16")], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("key", list(CLIP_CONFIGS))
+def test_global_clipnorm_bitwise_equal_to_the_portable_path(key, dtype):
+    """The norm over the pack is one `shardopt_sumsq` call on the kernel path and the same fixed order written in
+    StableHLO on the portable one (passes/fixed_order_norm.py): the scale, and every step after it, agree bit for
+    bit (before the fixed order they differed by a few ulp)."""
+    with_kernel, program = run(dtype, CLIP_CONFIGS[key], DEFAULT_PIPELINE)
+    without, off_program = run(dtype, CLIP_CONFIGS[key], OFF)
+    stats = program.pipeline.stage(PASS).stats
+    assert stats["scales_folded"] == 1 and stats["norms_lowered"] == 1, stats
+    assert stats["kernels"]["shardopt_sumsq"] == 1
+    assert off_program.pipeline.stage("fuse-clipping").stats["packed_gradient_norms"] == 1
     for x, y in zip(with_kernel, without, strict=True):
-        np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(bits(x), bits(y))
 
 
 def test_compiled_hlo_is_one_custom_call_without_the_gather():

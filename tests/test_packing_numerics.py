@@ -7,7 +7,10 @@ members' divisors into one vector, which XLA divides exactly (as tf-keras does).
 by up to 8 ulp after 10 steps. The frontend now puts the broadcast divisor behind an optimization barrier, and
 both layouts divide exactly: bitwise equal for every optimizer with the default pipeline (the table test).
 
-Still open, pinned: with fuse-moments *off* (packed slots updated member by member), Adam and Nadam under
+Adam under global_clipnorm, pinned: a pack's global norm is summed in the fixed order the pack kernel keeps
+(passes/fixed_order_norm.py), so that the kernel step and its portable twin agree bit for bit; the unpacked step
+sums per tensor with XLA's reduce, another order (measured 128 ulp apart after 10 steps). Still open, pinned:
+with fuse-moments *off* (packed slots updated member by member), Adam and Nadam under
 global_clipnorm differ from unpacked by up to 8 ulp on one 12-element replicated variable after 10 steps, even
 with no clipping fusion (pipeline `inline-calls, propagate-layouts, cleanup`). The inputs are the same values
 (the global norm is reduced the same way; the slots are cut out of the pack exactly), so the difference is in
@@ -56,11 +59,22 @@ def test_sgd_momentum_packed_equals_unpacked_bitwise(row_id, pipeline):
     assert _max_ulps(packed, unpacked) == 0
 
 
+PORTABLE = ("inline-calls", "lower-to-kernels{enabled=false}", "propagate-layouts", "fuse-moments", "fuse-clipping",
+            "fixed-order-sums", "cleanup")
+
+
 def test_adam_global_clipnorm_without_fuse_moments_is_within_the_pinned_bound():
-    """Pinned bound for the open case above (measured: 8 ulp); the default pipeline is bitwise."""
+    """Pinned bound for the open case above (measured: 8 ulp, 4 since). With the default pipeline an Adam pack's
+    global norm is summed in the fixed order of passes/fixed_order_norm.py (the pack kernel's `shardopt_sumsq`
+    on the kernel path, the same order in StableHLO on the portable one: bitwise equal), where the unpacked step
+    sums each tensor with XLA's reduce: measured 128 ulp apart after 10 steps at lr 0.05 (the trajectories part
+    where Adam divides by small sqrt(v)); before the fixed order the kernel path equalled the unpacked step and
+    the portable path did not."""
     ROWS.setdefault("Adam-global", _row("Adam", learning_rate=0.05, global_clipnorm=1.5))
     unpacked, _ = run_shardopt("Adam-global", pack_max_elements=0)
-    assert _max_ulps(run_shardopt("Adam-global")[0], unpacked) == 0
+    packed = run_shardopt("Adam-global")[0]
+    assert _max_ulps(packed, run_shardopt("Adam-global", pipeline=PORTABLE)[0]) == 0
+    assert 0 < _max_ulps(packed, unpacked) <= 256
     assert _max_ulps(run_shardopt("Adam-global", pipeline=BARE)[0], unpacked) <= 16
 
 

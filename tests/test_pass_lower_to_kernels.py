@@ -48,6 +48,12 @@ def test_filecheck():
     assert stats[2]["lowered"] == stats[2]["per_device"] == 1, stats  # in a manual computation (kernel_regions)
     assert stats[3]["packs_lowered"] == stats[3]["per_device"] == 1, stats
     assert stats[4]["lowered"] == 0 and stats[4]["left"] == {"state not divisible by its mesh axes": 1}, stats
+    # stats[5], stats[6]: SGD's chunks (tests/test_sgd_kernel.py)
+    # a flat pack under a global norm: one pack kernel call, the norm's two sums one shardopt_sumsq call
+    assert stats[7]["packs_lowered"] == 1 and stats[7]["norms_lowered"] == 1, stats
+    assert stats[7]["kernels"] == {"shardopt_adam_pack_update": 1, "shardopt_sumsq": 1}, stats
+    # a large loose gradient's sum of squares: one shardopt_sumsq call (StableHLO's fixed order when disabled)
+    assert stats[8]["norms_fixed_order"] == 1 and stats[8]["kernels"] == {"shardopt_sumsq": 1}, stats
 
 
 def _run_steps(dtype, config, pipeline, steps=3, shape=(96, 70)):
@@ -94,9 +100,12 @@ def test_compiled_hlo_one_custom_call_no_copies():
     program = adam(mesh, packed=False, global_clipnorm=1.0).program_for([(np.ones((512, 300), np.float32), v)])
     hlo = build(program, DEFAULT_PIPELINE, "cleanup", mesh).hlo
     entry = hlo[hlo.index("ENTRY"):]
-    calls = [line for line in entry.splitlines() if "custom-call(" in line]
-    assert len(calls) == 1 and 'custom_call_target="shardopt_adam_update"' in calls[0], calls
+    calls = [line for line in entry.splitlines() if "custom-call(" in line and "shardopt_adam_update" in line]
+    assert len(calls) == 1, calls
     assert "output_to_operand_aliasing={{0}: (0, {}), {1}: (1, {}), {2}: (2, {})}" in calls[0]
+    # the global norm: one shardopt_sumsq call reading the gradient argument in place
+    norms = [line for line in entry.splitlines() if 'custom_call_target="shardopt_sumsq"' in line]
+    assert len(norms) == 1 and "custom-call(%args_" in norms[0], norms
     assert not [line for line in entry.splitlines() if " copy(" in line and "f32[512,300]" in line]
     # no loop over the tensor either: the clip scale is folded, the sum of squares is the only pass over g
     assert not re.search(r"= f32\[512,300\]\S* fusion\(", entry), entry

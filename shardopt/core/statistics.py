@@ -29,6 +29,8 @@ WORDS: dict[str, dict[str, str]] = {
         "per_device": "kernel calls run per device on local shards (a manual computation over the mesh)",
         "state_sharded_unmarked": "variables with state sharded beyond their layout (shard_state_over), left as "
                                   "XLA code",
+        "norms_lowered": "sums of squares (a pack's global norm, a large gradient's) by one in-place kernel call",
+        "norms_fixed_order": "sums of squares of large gradients in buffers of their own put in the fixed order",
     },
     "fixed-order-sums": {
         "reductions": "float sums in the step",
@@ -61,7 +63,7 @@ WORDS: dict[str, dict[str, str]] = {
         "tensors_per_group": "groups (how many x gradients each)",
         "batched_reductions": "batched norms (one pass reads many gradients)",
         "unbatched": "norms left unbatched, by reason",
-        "packed_gradient_norms": "norms summed over a packed gradient",
+        "packed_gradient_norms": "norms summed over a packed gradient (a flat pack's in the fixed order)",
         "norm_trees_collapsed": "global-norm sums collapsed into one reduction",
         "norm_tree_leaves": "partial sums those reductions add",
         "ops_moved": "operations reordered",

@@ -14,6 +14,8 @@ when a C++ compiler is present (setup.py); a pass asks `available()` and keeps t
   for attribute what `jax.ffi.ffi_call` lowers to.
 - `adam_update(...)` / `sgd_update(...)` (and `*_pack_update`): jax functions on `jax.ffi.ffi_call` (tests,
   benchmarks, embedding).
+- `sumsq_call()` / `sumsq(xs)`: the sum of squares of many gradient buffers in one pass, in the fixed order
+  that `passes/fixed_order_norm.py` writes in StableHLO (a global clip norm reads each gradient once, in place).
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from shardopt.kernels.calls import (
     sgd_pack_call,
     sgd_pack_update,
     sgd_update,
+    sumsq,
+    sumsq_call,
 )
 
 KERNELS = {"adam": "shardopt_adam_update", "adam_pack": "shardopt_adam_pack_update", "sgd": "shardopt_sgd_update",
-           "sgd_pack": "shardopt_sgd_pack_update"}
+           "sgd_pack": "shardopt_sgd_pack_update", "sumsq": "shardopt_sumsq"}
 PACK_SUFFIX = "_pack"  # "adam_pack": the kernel of a pack whose variables stay in buffers of their own
 DTYPES = ("float32", "bfloat16")
 PLATFORMS = ("cpu",)
@@ -46,7 +50,8 @@ PLATFORMS = ("cpu",)
 __all__ = [
     "DTYPES", "KERNELS", "PACK_SUFFIX", "KernelCall", "PLATFORMS", "adam_call", "adam_pack_call", "adam_pack_update",
     "adam_update", "available", "clip_scale_operand",
-    "info", "module_kernels", "reason", "sgd_call", "sgd_pack_call", "sgd_pack_update", "sgd_update", "target_reason",
+    "info", "module_kernels", "reason", "sgd_call", "sgd_pack_call", "sgd_pack_update", "sgd_update", "sumsq",
+    "sumsq_call", "target_reason",
 ]
 
 

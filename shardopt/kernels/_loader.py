@@ -16,14 +16,15 @@ from pathlib import Path
 import jax
 
 # Must equal kAbiVersion in cpu/kernels.cc: the operands and attributes the Python side passes.
-ABI_VERSION = 4
+ABI_VERSION = 5
 LIBRARY_NAME = "libshardopt_kernels.dylib" if sys.platform == "darwin" else "libshardopt_kernels.so"
 ENV_LIBRARY = "SHARDOPT_KERNELS_LIBRARY"  # a path overriding the installed library
 ENV_DISABLE = "SHARDOPT_KERNELS"  # "0" turns the compiled kernels off
 
 # FFI target name -> exported handler symbol.
 TARGETS = {"shardopt_adam_update": "ShardoptAdamUpdate", "shardopt_adam_pack_update": "ShardoptAdamPackUpdate",
-           "shardopt_sgd_update": "ShardoptSgdUpdate", "shardopt_sgd_pack_update": "ShardoptSgdPackUpdate"}
+           "shardopt_sgd_update": "ShardoptSgdUpdate", "shardopt_sgd_pack_update": "ShardoptSgdPackUpdate",
+           "shardopt_sumsq": "ShardoptSumsq"}
 ISA_NAMES = {0: "baseline (no FMA)", 1: "avx2+fma"}
 
 

@@ -13,6 +13,11 @@ operand per gradient, before the gradients; its results are the packed slots, th
         -> (m, v, [vhat], p_0 .. p_K-1)
     shardopt_sgd_pack_update(m, lr, [scale], p_0 .. p_K-1, g_0 .. g_K-1) -> (m, p_0 .. p_K-1)
 
+The sum of squares of K gradient buffers (their flattened concatenation), a float32 scalar, in the fixed order
+`sumsq_width` and passes/fixed_order_norm.py define (lanes over fixed-width rows, then halving):
+
+    shardopt_sumsq(g_0 .. g_K-1) -> total
+
 `lr` is present for Adam only with weight decay. Attributes hold what is constant for a module: float32(1 -
 beta), as XLA folds `jnp.asarray(1 - beta, float32)`; float32(weight_decay); the flags. State is float32 or
 bfloat16 (float32 math, one rounding when stored); gradients all float32 or all bfloat16.
@@ -37,6 +42,9 @@ ADAM_TARGET = "shardopt_adam_update"
 ADAM_PACK_TARGET = "shardopt_adam_pack_update"
 SGD_TARGET = "shardopt_sgd_update"
 SGD_PACK_TARGET = "shardopt_sgd_pack_update"
+SUMSQ_TARGET = "shardopt_sumsq"
+# Lanes of the fixed summation order of `shardopt_sumsq` (kSumsqLanes in cpu/kernels.cc).
+SUMSQ_LANES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,26 @@ def sgd_pack_call(variables: int, **options: Any) -> KernelCall:
     single = sgd_call(**options)
     return KernelCall(SGD_PACK_TARGET, single.attributes, tuple(o for o in single.operands if o != "p"), ("m",),
                       variables=variables)
+def sumsq_call() -> KernelCall:
+    """The sum-of-squares call: gradients only, one float32 scalar result, no aliases."""
+    return KernelCall(SUMSQ_TARGET, {}, (), ())
+
+
+def sumsq_width(n: int) -> int:
+    """Lanes of the fixed order for `n` elements: min(SUMSQ_LANES, the power of two >= n)."""
+    w = 1
+    while w < n and w < SUMSQ_LANES:
+        w *= 2
+    return w
+
+
+def sumsq(xs: Sequence[jax.Array]) -> jax.Array:
+    """The float32 sum of squares of the concatenation of `xs` (all float32 or all bfloat16) in the fixed order."""
+    xs = list(xs)
+    if len({x.dtype for x in xs}) > 1 or any(x.dtype not in (jnp.float32, jnp.bfloat16) for x in xs):
+        raise ValueError("operands must all be float32 or all bfloat16")
+    fn = jax.ffi.ffi_call(SUMSQ_TARGET, jax.ShapeDtypeStruct((), jnp.float32))
+    return fn(*xs)
 
 
 def clip_scale_operand(scale: Any, grad_dtype: Any) -> jax.Array:

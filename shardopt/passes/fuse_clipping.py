@@ -18,7 +18,10 @@ read of the gradient for the norm), no temp buffer, about 20% less step time.
 
 With packed state, `fuse-moments` runs first and concatenates each pack's gradients for its fused chain; a
 global norm then sums the squares of that packed gradient once (one contiguous read) instead of reading every
-member's buffer again ("packed_gradient_norms" in the statistics).
+member's buffer again ("packed_gradient_norms" in the statistics). A flat pack's sum is written in the fixed
+order of fixed_order_norm.py, the order of the `shardopt_sumsq` kernel that `lower-to-kernels` calls for a pack
+it lowers, so the portable step and the kernel step compute the same clip scale; a flat pack whose gradients
+fuse-moments did not concatenate (bfloat16 state) is summed in that order over their concatenation.
 
 What is batched, and why the rest is not (counted in the statistics under `unbatched`):
 - only tensors of at most `max_elements` elements per device: XLA:CPU emits a variadic reduce as one plain
@@ -58,6 +61,7 @@ from shardopt.passes.norm_trees import (
     match_sum_of_squares,
     reduce_packed_gradients,
     single_add_user,
+    sum_flat_pack_gradients,
     tree_leaves,
 )
 
@@ -82,6 +86,8 @@ class FuseClipping(ModulePass):
         ops_before = sum(sir.op_counts(module).values())
         found = [m for op in block.operations if (m := match_sum_of_squares(op.operation)) is not None]
         found, packed = reduce_packed_gradients(block, found)
+        found, flat_packs = sum_flat_pack_gradients(module, found)
+        packed += flat_packs
         layouts = fir.Shardings(module)
         mesh = sir.mesh_axes(module)
         groups: dict[tuple[str, Any, int], list[SumOfSquares]] = {}

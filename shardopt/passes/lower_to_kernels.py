@@ -26,7 +26,13 @@ global-norm clip scale (`g * broadcast(scale)`) is folded into the call's `scale
 is never written (applied as XLA:CPU compiles the step: Adam contracts it, fma(g, scale, -m); SGD keeps the
 float32 product); a float32 gradient converted from a bfloat16 argument is passed as that argument (the convert
 is exact). Results are bitwise those of the inlined decomposition (tests/test_pass_lower_to_kernels.py,
-tests/test_sgd_kernel.py; a pack with a global clip norm within a few ulp, tests/test_pack_kernel.py).
+tests/test_sgd_kernel.py).
+
+Global norms (`norms`): the sums of squares of a replicated pack's gradients and of large replicated gradients
+in buffers of their own are spelled in one fixed order (fixed_order_norm.py) on both paths: one in-place
+`shardopt_sumsq` call reading the gradient buffers where the kernel exists, the same order in StableHLO where it
+does not, so a clipped kernel step and its portable twin compute the same scale (tests/test_fixed_order_norm.py).
+Sharded gradients keep fixed-order-sums' per-device partial sums.
 """
 
 from __future__ import annotations
@@ -36,17 +42,40 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import stablehlo as hlo
 
 from shardopt import ir as sir
 from shardopt import kernels
 from shardopt.kernels import PACK_SUFFIX
+from shardopt.kernels.calls import SUMSQ_TARGET
 from shardopt.passes import kernel_regions as regions
 from shardopt.passes.base import ModulePass, option
+from shardopt.passes.fixed_order_norm import fixed_order_sumsq, kernel_sumsq
 from shardopt.passes.inline_calls import COMPOSITE_PREFIX, inline_composite
 from shardopt.passes.kernel_lowerings import LOWERINGS
+from shardopt.passes.kernel_operands import (
+    common_scale,
+    composite_attributes,
+    element_name,
+    pass_gradient_buffers_through,
+    replicated,
+    split_scale,
+    state_problem,
+    unconverted,
+)
+from shardopt.passes.norm_trees import (
+    f32_zero,
+    global_norm_members,
+    loose_gradient_sums,
+    mark_fixed_order_pack,
+    replace_member_sums,
+)
 
 PREFIX = COMPOSITE_PREFIX
+# MLIR element types -> numpy names (kernels.reason reads "f16" as numpy's float128 otherwise)
+DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 _warned: set[str] = set()
 
 
@@ -57,100 +86,6 @@ def _warn_once(why: str) -> None:
     _warned.add(why)
     warnings.warn(f"lower-to-kernels: compiled update kernels not used ({why}); keeping the StableHLO update",
                   RuntimeWarning, stacklevel=2)
-
-
-def _attrs(op: ir.Operation) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for named in ir.DictAttr(op.attributes["composite_attributes"]):
-        a = named.attr
-        if isinstance(a, ir.BoolAttr):
-            out[named.name] = bool(a.value)
-        elif isinstance(a, ir.FloatAttr):
-            out[named.name] = float(a.value)
-        elif isinstance(a, ir.IntegerAttr):
-            out[named.name] = int(a.value)
-        elif isinstance(a, ir.StringAttr):
-            out[named.name] = a.value
-        else:
-            out[named.name] = a
-    return out
-
-
-def _defining(value: ir.Value) -> ir.Operation | None:
-    owner = value.owner
-    if isinstance(owner, ir.Block):
-        return None
-    return owner.operation if isinstance(owner, ir.OpView) else owner
-
-
-def _block_arg_index(value: ir.Value, main_block: ir.Block) -> int | None:
-    if isinstance(value.owner, ir.Block) and value.owner == main_block:
-        return ir.BlockArgument(value).arg_number
-    return None
-
-
-def _element_type(value: ir.Value) -> str:
-    return str(ir.RankedTensorType(value.type).element_type)
-
-
-def _split_scale(g: ir.Value) -> tuple[ir.Value, ir.Value | None]:
-    """`x * broadcast_in_dim(s)` with a rank-0 float32 `s` (clipping.py's global-norm scale) -> (x, s)."""
-    op = _defining(g)
-    if op is None or op.name != "stablehlo.multiply":
-        return g, None
-    for x, b in ((op.operands[0], op.operands[1]), (op.operands[1], op.operands[0])):
-        bop = _defining(b)
-        if bop is not None and bop.name == "stablehlo.broadcast_in_dim":
-            s = bop.operands[0]
-            st = ir.RankedTensorType(s.type)
-            if st.rank == 0 and str(st.element_type) == "f32" and x.type == g.type:
-                return x, s
-    return g, None
-
-
-def _unconverted(g: ir.Value) -> ir.Value:
-    """A float32 gradient that is `convert` of a bfloat16 value: that value (exact, and half the bytes)."""
-    op = _defining(g)
-    if op is not None and op.name == "stablehlo.convert" and _element_type(op.operands[0]) == "bf16":
-        return op.operands[0]
-    return g
-
-
-def _state_problem(state: list[ir.Value], main: Any, block: ir.Block, axes: dict[str, int]) -> str | None:
-    """Why these state values cannot be updated in place by a kernel, or None: each must be a `@main` argument
-    (donated by the step contract). (Shardings: `kernel_regions.call_shardings`.)"""
-    if any(_block_arg_index(x, block) is None for x in state):
-        return "state is not a @main argument"
-    return None
-
-
-def _common_scale(grads: list[ir.Value]) -> tuple[list[ir.Value], ir.Value | None]:
-    """Gradients all scaled by one global-norm clip scale -> (unscaled gradients, the scale); else unchanged."""
-    split = [_split_scale(g) for g in grads]
-    scales = {s for _, s in split}
-    if len(scales) == 1 and None not in scales:
-        return [x for x, _ in split], split[0][1]
-    return grads, None
-
-
-def _pass_gradient_buffers_through(main: Any, block: ir.Block, packs: set[str]) -> int:
-    """Each of `packs`' donated gradient scratch buffers returned as it came in: with the kernel reading the
-    gradients in place, nothing needs the gathered gradient any more (`cleanup` removes the concatenation).
-    Returns how many were. One walk over the attributes for all packs (per pack it was quadratic)."""
-    def buffers(all_attrs: list[dict[str, ir.Attribute]]) -> dict[str, list[int]]:
-        found: dict[str, list[int]] = {}
-        for i, attrs in enumerate(all_attrs):
-            if sir.string_attr(attrs.get("shardopt.role")) == "gradient_buffer":
-                found.setdefault(sir.string_attr(attrs.get("shardopt.pack")), []).append(i)
-        return found
-    args, results = buffers(sir.arg_attrs(main)), buffers(sir.result_attrs(main))
-    ret = block.operations[len(block.operations) - 1]
-    freed = 0
-    for pack in packs:
-        if len(args.get(pack, ())) == 1 and len(results.get(pack, ())) == 1:
-            ret.operands[results[pack][0]] = block.arguments[args[pack][0]]
-            freed += 1
-    return freed
 
 
 @dataclass(frozen=True)
@@ -165,6 +100,11 @@ class LowerToKernels(ModulePass):
     pack_scale_contracted: bool = option(True, "a folded clip scale in a pack kernel as XLA:CPU compiles the "
                                                "fused pack (Adam: fma(g, scale, -m)); false: g*scale rounded "
                                                "to the gradient dtype first")
+    norms: bool = option(True, "sums of squares in the fixed order of fixed_order_norm.py: a lowered pack's global "
+                               "norm and large loose gradients' as shardopt_sumsq calls (StableHLO when disabled)")
+    norm_above: int = option(1 << 15, "sums of squares of replicated gradients in buffers of their own with more "
+                                      "elements than this in the fixed order (kernel or StableHLO); smaller ones "
+                                      "stay for fuse-clipping to batch")
     assume_available: bool = option(False, "emit the custom call even where this process has no kernel library "
                                            "(FileCheck, compiling for another machine)")
 
@@ -188,8 +128,10 @@ class LowerToKernels(ModulePass):
                 inline_composite(op, funcs)
         lowered_packs = stats.pop("lowered_packs", set())
         if lowered_packs:
-            stats["gradient_buffers_freed"] = _pass_gradient_buffers_through(main, block, lowered_packs)
+            stats["gradient_buffers_freed"] = pass_gradient_buffers_through(main, block, lowered_packs)
         stats.update(regions.unmarked_state_sharded(main, block, operands))
+        if self.norms:
+            self._loose_norms(module, stats)
         if stats["lowered"] and not self.assume_available:
             stats["library"] = kernels.info()["isa"]
         return stats
@@ -207,14 +149,14 @@ class LowerToKernels(ModulePass):
     def _lower(self, op: ir.Operation, main: Any, block: ir.Block, axes: dict[str, int],
                stats: dict[str, Any]) -> str | None:
         """Emits the custom call for `op` and returns None, or returns why it stays StableHLO."""
-        if not self.enabled:
-            return "disabled (enabled=false)"
         kind = ir.StringAttr(op.attributes["name"]).value[len(PREFIX):]
-        a = _attrs(op)
+        a = composite_attributes(op)
         if kind.endswith(PACK_SUFFIX):
             return self._lower_pack(op, kind, a, main, block, axes, stats)
+        if not self.enabled:
+            return "disabled (enabled=false)"
         var, grad, lr, t, *slots = list(op.operands)
-        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(_element_type(var), _element_type(var))
+        dtype = DTYPE_NAMES.get(element_name(var), element_name(var))
         why = self._unavailable(kind, dtype)
         if why is not None:
             return why
@@ -224,14 +166,14 @@ class LowerToKernels(ModulePass):
         names = a["slots"].split(",") if a.get("slots") else []
         if names != lowering.slots(a) or len(slots) != len(names):
             return f"unexpected slots {names} for shardopt.{kind} (the kernel takes {lowering.slots(a)})"
-        why = _state_problem([var, *slots], main, block, axes)
+        why = state_problem([var, *slots], main, block, axes)
         if why is not None:
             return why
         if any(x.type != var.type for x in slots) or ir.RankedTensorType(grad.type).shape != \
                 ir.RankedTensorType(var.type).shape:
             return "slots or gradient of another shape than the variable"
-        g, scale = _split_scale(grad) if self.fold_scale else (grad, None)
-        g = _unconverted(g)  # the kernel converts a bfloat16 gradient exactly (and scales it in float32)
+        g, scale = split_scale(grad) if self.fold_scale else (grad, None)
+        g = unconverted(g)  # the kernel converts a bfloat16 gradient exactly (and scales it in float32)
         call = lowering.call(a, None, scale is not None, True)
         shardings = regions.call_shardings(call, dict.fromkeys(("p", *names), var), [var], main, block, axes)
         if isinstance(shardings, str):
@@ -253,29 +195,37 @@ class LowerToKernels(ModulePass):
         k = int(a["members"])
         lr, t, _iterations, *rest = list(op.operands)
         slots, ps, grads = rest[:len(names)], rest[len(names):len(names) + k], rest[len(names) + k:]
-        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(_element_type(slots[0]), _element_type(slots[0]))
-        why = self._unavailable(kind, dtype)
-        if why is not None:
-            return why
+        dtype = DTYPE_NAMES.get(element_name(slots[0]), element_name(slots[0]))
         lowering = LOWERINGS.get(kind[:-len(PACK_SUFFIX)])
-        if lowering is None:
-            return f"no lowering of shardopt.{kind} composites"
+        if lowering is None or dtype not in kernels.DTYPES:
+            return self._unavailable(kind, dtype) or f"no lowering of shardopt.{kind} composites"
         if names != lowering.slots(a) or len(grads) != k:
             return f"unexpected slots {names} for shardopt.{kind} (the kernel takes {lowering.slots(a)})"
-        why = _state_problem([*slots, *ps], main, block, axes)
+        why = state_problem([*slots, *ps], main, block, axes)
         if why is not None:
             return why
-        if any(_element_type(p) != _element_type(slots[0]) for p in ps):
+        if any(element_name(p) != element_name(slots[0]) for p in ps):
             return "variables of another dtype than their packed slots"
-        g, scale = _common_scale(grads) if self.fold_scale else (grads, None)
-        unconverted = [_unconverted(x) for x in g]
-        if len({_element_type(x) for x in unconverted}) == 1:
-            g = unconverted  # the kernel converts bfloat16 gradients exactly (and scales them in float32)
+        g, scale = common_scale(grads) if self.fold_scale else (grads, None)
+        # A replicated pack this pass lowers where it can: its global norm is summed in the fixed order on either
+        # path (a sharded one keeps fixed-order-sums' per-device partial sums on both)
+        fixed_norm = scale is not None and self.norms and replicated(ps, main, block, axes)
+        why = "disabled (enabled=false)" if not self.enabled else self._unavailable(kind, dtype)
+        if why is not None:
+            if fixed_norm:
+                mark_fixed_order_pack(block, g)  # fuse-clipping writes the order over the packed gradient
+            return why
+        unscaled = g
+        as_stored = [unconverted(x) for x in g]
+        if len({element_name(x) for x in as_stored}) == 1:
+            g = as_stored  # the kernel converts bfloat16 gradients exactly (and scales them in float32)
         call = lowering.call(a, k, scale is not None, self.pack_scale_contracted)
         shardings = regions.call_shardings(call, dict(zip(names, slots, strict=True)), [*ps, *ps], main, block, axes,
                                            pack=True)
         if isinstance(shardings, str):
             return shardings
+        if fixed_norm:
+            self._lower_pack_norm(block, unscaled, g, stats)
         with ir.InsertionPoint(op), op.location:
             named = {**dict(zip(names, slots, strict=True)), "lr": lr, "scale": scale, **lowering.scalars(a, lr, t)}
             kop = regions.emit(call, [named[n] for n in call.operands] + list(ps) + list(g), shardings, axes)
@@ -286,6 +236,46 @@ class LowerToKernels(ModulePass):
         stats["pack_members"] = stats.get("pack_members", 0) + k
         stats.setdefault("lowered_packs", set()).add(str(a["pack"]))  # their gradient buffers: in run(), all at once
         return None
+
+    def _lower_pack_norm(self, block: ir.Block, xs: list[ir.Value], operands: list[ir.Value],
+                         stats: dict[str, Any]) -> None:
+        """The global norm's sums of squares of the pack's gradients `xs` as one `shardopt_sumsq` reading the
+        gradient buffers `operands` in place, in the order fuse-clipping sums the packed gradient on the
+        StableHLO path (fixed_order_norm.py): both paths compute the same scale, and no gradient is gathered."""
+        members = global_norm_members(block, xs)
+        why = "norm: not one global norm over the pack" if members is None else self._unavailable("sumsq", "float32")
+        if why is not None:
+            stats["left"][why] = stats["left"].get(why, 0) + 1
+            return
+        reduces = {m.reduce for m in members}
+        first = next(op.operation for op in block.operations if op.operation in reduces)
+        with ir.InsertionPoint(first), first.location:
+            replace_member_sums(members, kernel_sumsq(operands), f32_zero())
+        stats["norms_lowered"] = stats.get("norms_lowered", 0) + 1
+        stats["kernels"][SUMSQ_TARGET] = stats["kernels"].get(SUMSQ_TARGET, 0) + 1
+
+    def _loose_norms(self, module: ir.Module, stats: dict[str, Any]) -> None:
+        """Every sum of squares of a large replicated gradient kept in its own buffer, in the fixed order of
+        fixed_order_norm.py: one `shardopt_sumsq` call each where the kernel exists and this pass is enabled, else
+        the same order in StableHLO. Decided alike on both paths (whatever happens to the update), so a clipped
+        kernel step and its portable twin compute the same norm; on the kernel path the norm then reads each
+        gradient once on XLA's thread pool (XLA's reduce of a large tensor ran at a third of the update kernel's
+        bandwidth on GPT-2 small)."""
+        leaves = loose_gradient_sums(module, self.norm_above)
+        if not leaves:
+            return
+        kernel = self.enabled and self._unavailable("sumsq", "float32") is None
+        f32 = ir.F32Type.get()
+        for m, _ in leaves:
+            with ir.InsertionPoint(m.reduce), m.reduce.location:
+                flat = ir.RankedTensorType.get([int(np.prod(ir.RankedTensorType(m.x.type).shape))], f32)
+                # the gradient as stored when the kernel reads it (float32, bfloat16), else its float32 convert
+                total = kernel_sumsq([unconverted(m.x)]) if kernel else fixed_order_sumsq(hlo.reshape(flat, m.x))
+            replace_member_sums([m], total, total)
+        stats["norms_fixed_order"] = stats.get("norms_fixed_order", 0) + len(leaves)
+        if kernel:
+            stats["norms_lowered"] = stats.get("norms_lowered", 0) + len(leaves)
+            stats["kernels"][SUMSQ_TARGET] = stats["kernels"].get(SUMSQ_TARGET, 0) + len(leaves)
 
 
 def _replace(op: ir.Operation, kop: ir.Operation) -> None:
@@ -298,4 +288,4 @@ def _count(stats: dict[str, Any], call: kernels.KernelCall, scale: ir.Value | No
     stats["lowered"] += 1
     stats["kernels"][call.target] = stats["kernels"].get(call.target, 0) + 1
     stats["scales_folded"] += scale is not None
-    stats["bf16_gradients"] += bool(grads) and _element_type(grads[0]) == "bf16"
+    stats["bf16_gradients"] += bool(grads) and element_name(grads[0]) == "bf16"

@@ -267,3 +267,63 @@ module @dependent_norms {
     return %1, %5 : tensor<f32>, tensor<f32>
   }
 }
+
+// -----
+
+// The packed_gradient case with the two members' sums marked by lower-to-kernels (`shardopt.fixed_order_pack`: a
+// pack the kernel path lowers, left StableHLO here): the packed sum is spelled out in the fixed order of
+// fixed_order_norm.py, the order of the kernel path's shardopt_sumsq. 14 elements take W = 16 lanes and no whole
+// row, so the tail padded to 16 lanes is squared, then halved 16 -> 1.
+// CHECK-LABEL: module @packed_gradient_fixed_order
+// CHECK:         %[[G1:.*]] = stablehlo.reshape %arg1 : (tensor<2x3xf32>) -> tensor<6xf32>
+// CHECK:         %[[PACKED:.*]] = stablehlo.concatenate %arg0, %[[G1]], dim = 0 : (tensor<8xf32>, tensor<6xf32>) -> tensor<14xf32>
+// CHECK:         %[[ZERO:.*]] = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+// CHECK-NOT:     stablehlo.while
+// CHECK:         %[[TAIL:.*]] = stablehlo.slice %[[PACKED]] [0:14]
+// CHECK:         %[[PAD:.*]] = stablehlo.pad %[[TAIL]], %{{.*}}, low = [0], high = [2], interior = [0] : (tensor<14xf32>, tensor<f32>) -> tensor<16xf32>
+// CHECK:         %[[SQ:.*]] = stablehlo.multiply %[[PAD]], %[[PAD]] : tensor<16xf32>
+// CHECK:         %[[ACC:.*]] = stablehlo.add %{{.*}}, %[[SQ]] : tensor<16xf32>
+// CHECK:         %[[LO:.*]] = stablehlo.slice %[[ACC]] [0:8]
+// CHECK:         %[[HI:.*]] = stablehlo.slice %[[ACC]] [8:16]
+// CHECK:         stablehlo.add %[[LO]], %[[HI]] : tensor<8xf32>
+// CHECK:         %[[LAST:.*]] = stablehlo.add %{{.*}}, %{{.*}} : tensor<1xf32>
+// CHECK:         %[[SUM:.*]] = stablehlo.reshape %[[LAST]] {shardopt.fixed_order_norm} : (tensor<1xf32>) -> tensor<f32>
+// CHECK-NOT:     stablehlo.multiply %arg0, %arg0
+// CHECK-NOT:     stablehlo.multiply %arg1, %arg1
+// CHECK:         stablehlo.divide %[[SUM]]
+// CHECK:         stablehlo.divide %[[ZERO]]
+// CHECK:         stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] : (tensor<3xf32>, tensor<f32>) -> tensor<f32>
+// CHECK:         return
+module @packed_gradient_fixed_order {
+  sdy.mesh @mesh = <["batch"=2, "model"=4]>
+  func.func public @main(%arg0: tensor<8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>},
+                         %arg1: tensor<2x3xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>},
+                         %arg2: tensor<4x8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"model"}]>})
+      -> (tensor<14xf32>, tensor<4x8xf32>) {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %two = stablehlo.constant dense<2.000000e+00> : tensor<f32>
+    %one = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %g1 = stablehlo.reshape %arg1 : (tensor<2x3xf32>) -> tensor<6xf32>
+    %packed = stablehlo.concatenate %arg0, %g1, dim = 0 : (tensor<8xf32>, tensor<6xf32>) -> tensor<14xf32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<8xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0] {shardopt.fixed_order_pack} : (tensor<8xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.divide %1, %two : tensor<f32>
+    %3 = stablehlo.multiply %arg1, %arg1 : tensor<2x3xf32>
+    %4 = stablehlo.reduce(%3 init: %zero) applies stablehlo.add across dimensions = [0, 1] {shardopt.fixed_order_pack} : (tensor<2x3xf32>, tensor<f32>) -> tensor<f32>
+    %5 = stablehlo.divide %4, %two : tensor<f32>
+    %6 = stablehlo.multiply %arg2, %arg2 : tensor<4x8xf32>
+    %7 = stablehlo.reduce(%6 init: %zero) applies stablehlo.add across dimensions = [0, 1] : (tensor<4x8xf32>, tensor<f32>) -> tensor<f32>
+    %8 = stablehlo.divide %7, %two : tensor<f32>
+    %9 = stablehlo.add %2, %5 : tensor<f32>
+    %10 = stablehlo.add %9, %8 : tensor<f32>
+    %11 = stablehlo.multiply %10, %two : tensor<f32>
+    %12 = stablehlo.sqrt %11 : tensor<f32>
+    %13 = stablehlo.divide %one, %12 : tensor<f32>
+    %14 = stablehlo.minimum %13, %one : tensor<f32>
+    %b14 = stablehlo.broadcast_in_dim %14, dims = [] : (tensor<f32>) -> tensor<14xf32>
+    %b48 = stablehlo.broadcast_in_dim %14, dims = [] : (tensor<f32>) -> tensor<4x8xf32>
+    %c0 = stablehlo.multiply %packed, %b14 : tensor<14xf32>
+    %c2 = stablehlo.multiply %arg2, %b48 : tensor<4x8xf32>
+    return %c0, %c2 : tensor<14xf32>, tensor<4x8xf32>
+  }
+}

@@ -363,3 +363,154 @@ module @sgd_pack_bf16 {
     return %24, %11, %23 : tensor<8xbf16>, tensor<3xbf16>, tensor<5xbf16>
   }
 }
+
+// -----
+
+// A flat pack whose members' gradients (f32[3], f32[2]) are the leaves of one global-norm add tree: the pack
+// becomes one shardopt_adam_pack_update call and the two sums of squares one shardopt_sumsq call over the
+// gradient arguments, in the fixed order fuse-clipping writes for the packed gradient on the portable path
+// (fixed_order_norm.py); the second member's sum becomes +0, so the add tree is unchanged. Disabled, the pass
+// marks the two sums (`shardopt.fixed_order_pack`) for fuse-clipping to sum the packed gradient in that order.
+// CHECK-LABEL: module @pack_global_norm
+// CHECK-NOT:     stablehlo.reduce
+// CHECK:         %[[SUMSQ:.*]] = stablehlo.custom_call @shardopt_sumsq(%arg2, %arg3) {{{.*}}shardopt.fixed_order_norm} : (tensor<3xf32>, tensor<2xf32>) -> tensor<f32>
+// CHECK:         %[[ZERO:.*]] = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+// CHECK:         stablehlo.divide %[[SUMSQ]], %{{.*}} : tensor<f32>
+// CHECK:         stablehlo.divide %[[ZERO]], %{{.*}} : tensor<f32>
+// CHECK-NOT:     stablehlo.reduce
+// CHECK:         stablehlo.custom_call @shardopt_adam_pack_update(%arg4, %arg5, %{{.*}}, %{{.*}}, %{{.*}}, %arg0, %arg1, %arg2, %arg3)
+// INLINE-LABEL: module @pack_global_norm
+// INLINE-NOT:    shardopt_sumsq
+// INLINE:        stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] {shardopt.fixed_order_pack} : (tensor<3xf32>, tensor<f32>) -> tensor<f32>
+// INLINE:        stablehlo.reduce(%{{.*}} init: %{{.*}}) applies stablehlo.add across dimensions = [0] {shardopt.fixed_order_pack} : (tensor<2xf32>, tensor<f32>) -> tensor<f32>
+// INLINE-NOT:    custom_call
+module @pack_global_norm attributes {jax.uses_shape_polymorphism = false, mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {
+  sdy.mesh @mesh = <["replica"=1]> {stablehlo.mesh = {axes = [{name = "replica", size = 1 : i64}]}}
+  func.func public @main(%arg0: tensor<3xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "w0", shardopt.role = "variable", tf.aliasing_output = 0 : i32}, %arg1: tensor<2xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "w1", shardopt.role = "variable", tf.aliasing_output = 1 : i32}, %arg2: tensor<3xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "grad/w0", shardopt.owner = "w0", shardopt.role = "gradient"}, %arg3: tensor<2xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "grad/w1", shardopt.owner = "w1", shardopt.role = "gradient"}, %arg4: tensor<5xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.members = ["w0", "w1"], shardopt.name = "m/@pack0/float32", shardopt.pack = "@pack0/float32", shardopt.role = "slot", shardopt.slot = "m", tf.aliasing_output = 2 : i32}, %arg5: tensor<5xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.members = ["w0", "w1"], shardopt.name = "v/@pack0/float32", shardopt.pack = "@pack0/float32", shardopt.role = "slot", shardopt.slot = "v", tf.aliasing_output = 3 : i32}, %arg6: tensor<5xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.members = ["w0", "w1"], shardopt.name = "gradient_buffer/@pack0/float32", shardopt.pack = "@pack0/float32", shardopt.role = "gradient_buffer", tf.aliasing_output = 4 : i32}, %arg7: tensor<i32> {sdy.sharding = #sdy.sharding<@mesh, []>, shardopt.name = "iterations", shardopt.role = "counter", tf.aliasing_output = 5 : i32}, %arg8: tensor<f32> {sdy.sharding = #sdy.sharding<@mesh, []>, shardopt.name = "learning_rate", shardopt.role = "hyperparameter"}) -> (tensor<3xf32> {jax.result_info = "result[0]", sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "w0", shardopt.role = "variable"}, tensor<2xf32> {jax.result_info = "result[1]", sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "w1", shardopt.role = "variable"}, tensor<5xf32> {jax.result_info = "result[2]", sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.members = ["w0", "w1"], shardopt.name = "m/@pack0/float32", shardopt.pack = "@pack0/float32", shardopt.role = "slot", shardopt.slot = "m"}, tensor<5xf32> {jax.result_info = "result[3]", sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.members = ["w0", "w1"], shardopt.name = "v/@pack0/float32", shardopt.pack = "@pack0/float32", shardopt.role = "slot", shardopt.slot = "v"}, tensor<5xf32> {jax.result_info = "result[4]", sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.members = ["w0", "w1"], shardopt.name = "gradient_buffer/@pack0/float32", shardopt.pack = "@pack0/float32", shardopt.role = "gradient_buffer"}, tensor<i32> {jax.result_info = "result[5]", sdy.sharding = #sdy.sharding<@mesh, []>, shardopt.name = "iterations", shardopt.role = "counter"}, tensor<f32> {jax.result_info = "result[6]", sdy.sharding = #sdy.sharding<@mesh, []>, shardopt.name = "learning_rate", shardopt.role = "hyperparameter"}) {
+    %c = stablehlo.constant dense<1> : tensor<i32>
+    %cst = stablehlo.constant dense<5.000000e-01> : tensor<f32>
+    %cst_0 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %cst_1 = stablehlo.constant dense<2.000000e+00> : tensor<f32>
+    %cst_2 = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg2, %arg2 : tensor<3xf32>
+    %1 = stablehlo.reduce(%0 init: %cst_2) applies stablehlo.add across dimensions = [0] : (tensor<3xf32>, tensor<f32>) -> tensor<f32>
+    %2 = stablehlo.divide %1, %cst_1 : tensor<f32>
+    %3 = stablehlo.multiply %arg3, %arg3 : tensor<2xf32>
+    %4 = stablehlo.reduce(%3 init: %cst_2) applies stablehlo.add across dimensions = [0] : (tensor<2xf32>, tensor<f32>) -> tensor<f32>
+    %5 = stablehlo.divide %4, %cst_1 : tensor<f32>
+    %6 = stablehlo.add %2, %5 : tensor<f32>
+    %7 = stablehlo.multiply %6, %cst_1 : tensor<f32>
+    %8 = stablehlo.sqrt %7 : tensor<f32>
+    %9 = stablehlo.divide %cst_0, %8 : tensor<f32>
+    %10 = stablehlo.divide %cst_0, %cst : tensor<f32>
+    %11 = stablehlo.minimum %9, %10 : tensor<f32>
+    %12 = stablehlo.multiply %cst, %11 : tensor<f32>
+    %13 = stablehlo.subtract %8, %8 : tensor<f32>
+    %14 = stablehlo.add %12, %13 : tensor<f32>
+    %15 = stablehlo.broadcast_in_dim %14, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %16 = stablehlo.multiply %arg2, %15 : tensor<3xf32>
+    %17 = stablehlo.broadcast_in_dim %14, dims = [] : (tensor<f32>) -> tensor<2xf32>
+    %18 = stablehlo.multiply %arg3, %17 : tensor<2xf32>
+    %19 = stablehlo.add %arg7, %c : tensor<i32>
+    %20 = stablehlo.convert %19 : (tensor<i32>) -> tensor<f32>
+    %21:4 = stablehlo.composite "shardopt.adam_pack" %arg8, %20, %arg7, %arg4, %arg5, %arg0, %arg1, %16, %18 {composite_attributes = {amsgrad = false, beta_1 = 9.000000e-01 : f64, beta_2 = 0.99899999999999999 : f64, epsilon = 9.9999999999999995E-8 : f64, has_weight_decay = false, members = 2 : i64, pack = "@pack0/float32", slots = "m,v", weight_decay = 0.000000e+00 : f64}, decomposition = @shardopt.adam_pack} : (tensor<f32>, tensor<f32>, tensor<i32>, tensor<5xf32>, tensor<5xf32>, tensor<3xf32>, tensor<2xf32>, tensor<3xf32>, tensor<2xf32>) -> (tensor<5xf32>, tensor<5xf32>, tensor<3xf32>, tensor<2xf32>)
+    %22 = stablehlo.concatenate %arg2, %arg3, dim = 0 : (tensor<3xf32>, tensor<2xf32>) -> tensor<5xf32>
+    %23 = stablehlo.add %arg7, %c : tensor<i32>
+    return %21#2, %21#3, %21#0, %21#1, %22, %23, %arg8 : tensor<3xf32>, tensor<2xf32>, tensor<5xf32>, tensor<5xf32>, tensor<5xf32>, tensor<i32>, tensor<f32>
+  }
+  func.func private @shardopt.adam_pack(%arg0: tensor<f32>, %arg1: tensor<f32>, %arg2: tensor<i32>, %arg3: tensor<5xf32>, %arg4: tensor<5xf32>, %arg5: tensor<3xf32>, %arg6: tensor<2xf32>, %arg7: tensor<3xf32>, %arg8: tensor<2xf32>) -> (tensor<5xf32>, tensor<5xf32>, tensor<3xf32>, tensor<2xf32>) {
+    %0 = stablehlo.slice %arg3 [0:3] : (tensor<5xf32>) -> tensor<3xf32>
+    %1 = stablehlo.slice %arg4 [0:3] : (tensor<5xf32>) -> tensor<3xf32>
+    %cst = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+    %cst_0 = stablehlo.constant dense<1.000000e-03> : tensor<f32>
+    %cst_1 = stablehlo.constant dense<1.000000e-01> : tensor<f32>
+    %cst_2 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %cst_3 = stablehlo.constant dense<9.990000e-01> : tensor<f32>
+    %cst_4 = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %2 = stablehlo.power %cst_4, %arg1 : tensor<f32>
+    %3 = stablehlo.power %cst_3, %arg1 : tensor<f32>
+    %4 = stablehlo.subtract %cst_2, %3 : tensor<f32>
+    %5 = stablehlo.sqrt %4 : tensor<f32>
+    %6 = stablehlo.multiply %arg0, %5 : tensor<f32>
+    %7 = stablehlo.subtract %cst_2, %2 : tensor<f32>
+    %8 = stablehlo.divide %6, %7 : tensor<f32>
+    %9 = stablehlo.subtract %arg7, %0 : tensor<3xf32>
+    %10 = stablehlo.broadcast_in_dim %cst_1, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %11 = stablehlo.multiply %9, %10 : tensor<3xf32>
+    %12 = stablehlo.add %0, %11 : tensor<3xf32>
+    %13 = stablehlo.multiply %arg7, %arg7 : tensor<3xf32>
+    %14 = stablehlo.subtract %13, %1 : tensor<3xf32>
+    %15 = stablehlo.broadcast_in_dim %cst_0, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %16 = stablehlo.multiply %14, %15 : tensor<3xf32>
+    %17 = stablehlo.add %1, %16 : tensor<3xf32>
+    %18 = stablehlo.broadcast_in_dim %8, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %19 = stablehlo.multiply %12, %18 : tensor<3xf32>
+    %20 = stablehlo.sqrt %17 : tensor<3xf32>
+    %21 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<3xf32>
+    %22 = stablehlo.add %20, %21 : tensor<3xf32>
+    %23 = stablehlo.divide %19, %22 : tensor<3xf32>
+    %24 = stablehlo.subtract %arg5, %23 : tensor<3xf32>
+    %25 = stablehlo.slice %arg3 [3:5] : (tensor<5xf32>) -> tensor<2xf32>
+    %26 = stablehlo.slice %arg4 [3:5] : (tensor<5xf32>) -> tensor<2xf32>
+    %cst_5 = stablehlo.constant dense<1.000000e-07> : tensor<f32>
+    %cst_6 = stablehlo.constant dense<1.000000e-03> : tensor<f32>
+    %cst_7 = stablehlo.constant dense<1.000000e-01> : tensor<f32>
+    %cst_8 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %cst_9 = stablehlo.constant dense<9.990000e-01> : tensor<f32>
+    %cst_10 = stablehlo.constant dense<0.899999976> : tensor<f32>
+    %27 = stablehlo.power %cst_10, %arg1 : tensor<f32>
+    %28 = stablehlo.power %cst_9, %arg1 : tensor<f32>
+    %29 = stablehlo.subtract %cst_8, %28 : tensor<f32>
+    %30 = stablehlo.sqrt %29 : tensor<f32>
+    %31 = stablehlo.multiply %arg0, %30 : tensor<f32>
+    %32 = stablehlo.subtract %cst_8, %27 : tensor<f32>
+    %33 = stablehlo.divide %31, %32 : tensor<f32>
+    %34 = stablehlo.subtract %arg8, %25 : tensor<2xf32>
+    %35 = stablehlo.broadcast_in_dim %cst_7, dims = [] : (tensor<f32>) -> tensor<2xf32>
+    %36 = stablehlo.multiply %34, %35 : tensor<2xf32>
+    %37 = stablehlo.add %25, %36 : tensor<2xf32>
+    %38 = stablehlo.multiply %arg8, %arg8 : tensor<2xf32>
+    %39 = stablehlo.subtract %38, %26 : tensor<2xf32>
+    %40 = stablehlo.broadcast_in_dim %cst_6, dims = [] : (tensor<f32>) -> tensor<2xf32>
+    %41 = stablehlo.multiply %39, %40 : tensor<2xf32>
+    %42 = stablehlo.add %26, %41 : tensor<2xf32>
+    %43 = stablehlo.broadcast_in_dim %33, dims = [] : (tensor<f32>) -> tensor<2xf32>
+    %44 = stablehlo.multiply %37, %43 : tensor<2xf32>
+    %45 = stablehlo.sqrt %42 : tensor<2xf32>
+    %46 = stablehlo.broadcast_in_dim %cst_5, dims = [] : (tensor<f32>) -> tensor<2xf32>
+    %47 = stablehlo.add %45, %46 : tensor<2xf32>
+    %48 = stablehlo.divide %44, %47 : tensor<2xf32>
+    %49 = stablehlo.subtract %arg6, %48 : tensor<2xf32>
+    %50 = stablehlo.concatenate %12, %37, dim = 0 : (tensor<3xf32>, tensor<2xf32>) -> tensor<5xf32>
+    %51 = stablehlo.concatenate %17, %42, dim = 0 : (tensor<3xf32>, tensor<2xf32>) -> tensor<5xf32>
+    return %50, %51, %24, %49 : tensor<5xf32>, tensor<5xf32>, tensor<3xf32>, tensor<2xf32>
+  }
+}
+
+// -----
+
+// The sum of squares of a large replicated gradient kept in its own buffer (70,000 elements > norm-above): one
+// shardopt_sumsq call over the gradient argument; with the pass disabled the same fixed order in StableHLO (the
+// portable twin): 2^16 lanes, one whole row summed in a while loop over dynamic slices, the tail padded to 2^16
+// lanes and added, then halved.
+// CHECK-LABEL: module @loose_norm
+// CHECK-NOT:     stablehlo.reduce
+// CHECK:         %[[S:.*]] = stablehlo.custom_call @shardopt_sumsq(%arg0) {{{.*}}shardopt.fixed_order_norm} : (tensor<70000xf32>) -> tensor<f32>
+// CHECK:         return %[[S]]
+// INLINE-LABEL: module @loose_norm
+// INLINE-NOT:    stablehlo.reduce
+// INLINE:        stablehlo.while
+// INLINE:        stablehlo.dynamic_slice %{{.*}}, %{{.*}}, sizes = [65536] : (tensor<70000xf32>, tensor<i64>) -> tensor<65536xf32>
+// INLINE:        stablehlo.slice %{{.*}} [65536:70000]
+// INLINE:        stablehlo.pad %{{.*}}, %{{.*}}, low = [0], high = [61072], interior = [0]
+// INLINE:        %[[T:.*]] = stablehlo.reshape %{{.*}} {shardopt.fixed_order_norm} : (tensor<1xf32>) -> tensor<f32>
+// INLINE:        return %[[T]]
+module @loose_norm {
+  sdy.mesh @mesh = <["replica"=1]>
+  func.func public @main(%arg0: tensor<70000xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>, shardopt.name = "grad/w", shardopt.owner = "w", shardopt.role = "gradient"}) -> tensor<f32> {
+    %zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<70000xf32>
+    %1 = stablehlo.reduce(%0 init: %zero) applies stablehlo.add across dimensions = [0] : (tensor<70000xf32>, tensor<f32>) -> tensor<f32>
+    return %1 : tensor<f32>
+  }
+}

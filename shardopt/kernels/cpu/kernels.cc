@@ -39,7 +39,7 @@ namespace ffi = xla::ffi;
 
 namespace shardopt_kernels {
 
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 struct Bf16 {
   uint16_t bits;
@@ -323,6 +323,96 @@ static ffi::Error SgdPackImpl(ffi::ThreadPool pool, ffi::AnyBuffer m, ffi::Remai
   return ffi::Error::Success();
 }
 
+// ---- sum of squares ------------------------------------------------------------------------------------
+
+// The sum of squares of the flattened concatenation x of the operands (N elements), in the one order that
+// shardopt's StableHLO formulation (passes/fixed_order_norm.py) also spells out, so both give the same bits:
+//   W = min(kSumsqLanes, the power of two >= N) lanes, acc[w] = +0;
+//   for b = 0, 1, ...: acc[w] = x[b*W + w] * x[b*W + w] + acc[w] for every b*W + w < N (one FMA where XLA:CPU
+//   contracts it, as MulAdd); then W halves until one lane is left: acc[w] = acc[w] + acc[w + W/2].
+// Threads split the lanes (each tile of kSumsqTile lanes runs through every b), so the order does not depend
+// on the thread count. Squares are float32 (bfloat16 operands converted exactly).
+constexpr int64_t kSumsqLanes = int64_t{1} << 16;  // must equal shardopt.kernels.calls.SUMSQ_LANES
+constexpr int64_t kSumsqTile = 4096;
+
+static int64_t SumsqWidth(int64_t n) {
+  int64_t w = 1;
+  while (w < n && w < kSumsqLanes) w *= 2;
+  return w;
+}
+
+// Operands: g_0 ... g_{K-1}, all float32 or all bfloat16; result: the float32 scalar sum of their squares.
+static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->element_type() != ffi::DataType::F32 || out->element_count() != 1)
+    return ffi::Error::InvalidArgument("the sum of squares is a float32 scalar");
+  Segments seg;
+  int64_t n = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto b = args.get<ffi::AnyBuffer>(i);
+    if (b.has_value()) n += static_cast<int64_t>(b->element_count());
+  }
+  auto gt = Gradients(args, 0, n, &seg);
+  if (gt.has_error()) return gt.error();
+  const int64_t w = SumsqWidth(n);
+  std::vector<float> acc(static_cast<size_t>(w), 0.f);
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  int64_t width = w;
+  if (n < w) {
+    // No whole row (N < W < 2N): XLA:CPU folds `+0 + x*x` and fuses the squares into the first halving add,
+    // where LLVM contracts the first of its two products: acc[i] = fma(x[i], x[i], x[i + W/2]^2).
+    std::vector<float> x(static_cast<size_t>(w), 0.f);
+    for (size_t j = 0; j < seg.data.size(); ++j) {
+      const int64_t at = seg.offset[j], count = seg.offset[j + 1] - at;
+      for (int64_t i = 0; i < count; ++i)
+        x[at + i] = *gt == ffi::DataType::F32 ? static_cast<const float*>(seg.data[j])[i]
+                                              : Load(static_cast<const Bf16*>(seg.data[j])[i]);
+    }
+    ScopedFlushDenormal flush;
+    width = w / 2;
+    for (int64_t i = 0; i < width; ++i) {
+      const float hi = x[i + width] * x[i + width];
+      acc[i] = isa == kAvx2Fma ? std::fma(x[i], x[i], hi) : x[i] * x[i] + hi;
+    }
+  }
+  // Lane tiles: as wide as a thread's share (long contiguous reads of each row), at least kSumsqTile lanes.
+  int64_t tile = kSumsqTile;
+  while (tile * 2 <= w / (pool.num_threads() + 1)) tile *= 2;
+  auto lanes = [&](auto g_tag) {
+    using G = decltype(g_tag);
+    auto run = isa == kAvx2Fma ? &avx2_fma::SumsqRun<G> : &baseline::SumsqRun<G>;
+    auto run4 = isa == kAvx2Fma ? &avx2_fma::SumsqRun4<G> : &baseline::SumsqRun4<G>;
+    ParallelRanges(pool, w, tile, n < kSerialBelow, [&](int64_t a, int64_t b) {
+      for (int64_t base = 0; base + a < n;) {
+        const G* rows[4] = {};
+        if (base + 3 * w + b <= n) {  // four whole rows of this tile, each inside one gradient buffer?
+          for (int r = 0; r < 4; ++r) rows[r] = WithinOne<G>(seg, base + r * w + a, b - a);
+        }
+        if (rows[0] && rows[1] && rows[2] && rows[3]) {
+          run4(acc.data() + a, rows[0], rows[1], rows[2], rows[3], b - a);
+          base += 4 * w;
+          continue;
+        }
+        const int64_t end = base + b < n ? base + b : n;
+        ForEachPiece(seg, base + a, end, [&](int64_t at, int64_t count, const void* g, int64_t gat, size_t) {
+          run(acc.data() + (at - base), static_cast<const G*>(g) + gat, count);
+        });
+        base += w;
+      }
+    });
+  };
+  if (n >= w) {
+    if (*gt == ffi::DataType::F32) lanes(float{}); else lanes(Bf16{});
+  }
+  {
+    ScopedFlushDenormal flush;
+    for (int64_t half = width / 2; half >= 1; half /= 2) {
+      for (int64_t i = 0; i < half; ++i) acc[i] = acc[i] + acc[i + half];
+    }
+  }
+  *static_cast<float*>(out->untyped_data()) = acc[0];
+  return ffi::Error::Success();
+}
+
 }  // namespace shardopt_kernels
 
 namespace sk = shardopt_kernels;
@@ -394,6 +484,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSgdPackUpdate, sk::SgdPackImpl,
                                   .Attr<float>("weight_decay")
                                   .Attr<bool>("has_scale")
                                   .Attr<bool>("scale_float32"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardoptSumsq, sk::SumsqImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>());
 
 extern "C" {
 
