@@ -2,7 +2,8 @@
 
 A global clip norm over a pack's members must give the same bits whether the pack is updated by the compiled
 kernel (`lower-to-kernels`: the members' gradients stay separate buffers, read in place by `shardopt_sumsq`) or
-by StableHLO (the portable twin: `fuse-moments` concatenates them and `fuse-clipping` sums the packed gradient).
+by StableHLO (the portable twin: `fuse-moments` concatenates them and `fuse-clipping` sums the packed gradient),
+and so must the sum of squares of a large gradient kept in a buffer of its own (`lower-to-kernels`, either way).
 XLA's own reduce gives no such promise: XLA:CPU hands a reduce to a library (YNNPACK) whose order of addition
 is its own, and it reorders a column reduction too (measured: 3% of lanes equal to a sequential sum). So both
 paths spell out one order (kernels.cc `SumsqImpl`, `shardopt.kernels.calls.sumsq_width`) over the flattened
