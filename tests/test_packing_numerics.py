@@ -56,6 +56,14 @@ def test_sgd_momentum_packed_equals_unpacked_bitwise(row_id, pipeline):
     # small a fusion whole and contracts the other product, see tests/test_sgd_kernel.py.)
     packed, _ = run_shardopt(row_id, pipeline=pipeline)
     unpacked, _ = run_shardopt(row_id, pack_max_elements=0, pipeline=pipeline)
+    if pipeline is None and "global_clipnorm" in row_id:
+        # a flat pack's global norm is summed in the fixed order of passes/fixed_order_norm.py (kernel and
+        # portable paths bitwise equal there, tests/test_sgd_kernel.py), the loose tensors' with XLA's reduce, and
+        # a pack of rows sharded on the mesh per member on the kernel path (tests/test_kernel_regions.py): as for
+        # Adam below, pinned (measured 64 ulp packed vs unpacked, 320 vs the portable step, after the row's steps)
+        assert 0 < _max_ulps(packed, unpacked) <= 256
+        assert _max_ulps(packed, run_shardopt(row_id, pipeline=PORTABLE)[0]) <= 1024
+        return
     assert _max_ulps(packed, unpacked) == 0
 
 
