@@ -221,10 +221,20 @@ def test_matches_tf_keras(row_id, tfk):
 @pytest.mark.slow
 @pytest.mark.parametrize("row_id", list(ROWS), ids=list(ROWS))
 def test_packed_equals_unpacked(row_id):
-    """Bitwise, for every row, with the default pipeline (fuse-moments on): see test_packing_numerics.py."""
+    """Bitwise, for every row, with the default pipeline (fuse-moments on): see test_packing_numerics.py. Except
+    where a pack kernel takes a global clip norm (SGD/Adam without EMA): the pack's norm is summed in the fixed
+    order of passes/fixed_order_norm.py, the loose tensors' by XLA's reduce (pinned in test_packing_numerics.py)."""
     packed, _ = run_shardopt(row_id)
     unpacked, _ = run_shardopt(row_id, pack_max_elements=0)
+    row = ROWS[row_id]
+    args = dict(row.args)
+    if row.cls in PACK_KERNEL_CLASSES and "global_clipnorm" in args and not args.get("use_ema"):
+        assert_snaps_close(packed, unpacked, dict(rtol=1e-5, atol=1e-7))
+        return
     assert_snaps_close(packed, unpacked, dict(rtol=0, atol=0))
+
+
+PACK_KERNEL_CLASSES = {"SGD", "Adam", "AdamW"}  # shardopt_{sgd,adam}_pack_update (passes/kernel_lowerings.py)
 
 
 @pytest.mark.tf
