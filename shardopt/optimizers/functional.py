@@ -63,7 +63,8 @@ def compile_functional(opt: Any, specs: Any, scatter_gradients: bool = False
     # variables whose state is sharded beyond their layout stay loose (optimizers/state_sharding.py)
     packable = [(e.name, e.shape, e.dtype, e.layout) for e in entries if opt._packable(e.shape)
                 and not state_sharding.is_sharded(opt.shard_state_over, e.name, e.shape, e.layout, mesh_axes)]
-    packs = plan_packs(packable, mesh_axes, opt.pack_max_elements) if slots and opt.pack_max_elements > 0 else ()
+    packs = (plan_packs(packable, mesh_axes, opt.pack_max_elements, opt._pack_max_members())
+             if slots and opt.pack_max_elements > 0 else ())
     pipeline = tuple(opt.pipeline)
     if scatter_gradients:
         if opt.shard_state_over is None:

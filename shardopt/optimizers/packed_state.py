@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shardopt.core.layout import auto_mesh
-from shardopt.core.packing import PackGroup, plan_packs
+from shardopt.core.packing import PACK_MAX_MEMBERS, PackGroup, plan_packs
 from shardopt.optimizers.variables import Variable
 
 
@@ -124,7 +124,8 @@ def _packed_buffer(group: PackGroup, sharding: NamedSharding, member_shardings: 
 
 
 def pack_state(names: Sequence[str], variables: Sequence[Variable], slots: Sequence[dict[str, Variable]],
-               slot_names: Sequence[str], mesh: Mesh, max_elements: int) -> PackedState:
+               slot_names: Sequence[str], mesh: Mesh, max_elements: int,
+               max_members: int = PACK_MAX_MEMBERS) -> PackedState:
     """Packs the slots of the small variables that share a dtype and packable layout and have exactly the slots
     `slot_names`, each of their own shape (Adafactor's factored variables stay loose); the slot `Variable`s
     become views of the packed buffers. The variables themselves stay the user's arrays."""
@@ -138,7 +139,7 @@ def pack_state(names: Sequence[str], variables: Sequence[Variable], slots: Seque
             continue  # (slots laid out unlike their variable, e.g. with shard_state_over, stay loose)
         candidates.append((name, var.shape, str(var.dtype), var.layout.spec_tuple()))
         by_name[name] = own
-    packs = plan_packs(candidates, mesh_axes, max_elements) if max_elements > 0 else ()
+    packs = plan_packs(candidates, mesh_axes, max_elements, max_members) if max_elements > 0 else ()
     state = PackedState(packs, [], [], {})
     for p_index, group in enumerate(packs):
         sharding = NamedSharding(auto_mesh(mesh), PartitionSpec(*group.layout))
