@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "mp_workers"
 DEFAULT_TIMEOUT_S = 120.0
@@ -135,3 +137,18 @@ def coordination_service(workdir: Path, num_processes: int = 2, peer_timeout_s: 
 
 def describe(results: Sequence[ProcResult]) -> str:
     return "\n".join(r.describe() for r in results)
+
+
+def load_result(workdir: Path, name: str, pid: int, results: Sequence[ProcResult]) -> dict[str, np.ndarray]:
+    """What worker scenario `name` saved in process `pid` (`<name>.p<pid>.npz`); fails the test with the
+    scenario's error, or with every process's output when it saved nothing."""
+    import pytest
+
+    err = workdir / f"{name}.p{pid}.error.txt"
+    if err.exists():
+        pytest.fail(f"{name} raised in process {pid}:\n{err.read_text()}")
+    f = workdir / f"{name}.p{pid}.npz"
+    if not f.exists():
+        pytest.fail(f"process {pid} saved no result for {name}\n{describe(results)}")
+    with np.load(f) as z:
+        return {k: z[k] for k in z.files}

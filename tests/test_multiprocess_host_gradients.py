@@ -28,15 +28,7 @@ RUNS = ["keras_checked", "keras_consistent", "compiled_checked", "compiled_consi
         "inconsistent_consistent", "consistent_refuses_bad_gradients"]
 
 
-def load(tmp, name, pid, results):
-    err = tmp / f"{name}.p{pid}.error.txt"
-    if err.exists():
-        pytest.fail(f"{name} raised in process {pid}:\n{err.read_text()}")
-    f = tmp / f"{name}.p{pid}.npz"
-    if not f.exists():
-        pytest.fail(f"process {pid} saved no result for {name}\n{mpl.describe(results)}")
-    with np.load(f) as z:
-        return {k: z[k] for k in z.files}
+load = mpl.load_result
 
 
 def numbers(result):
